@@ -1,0 +1,124 @@
+"""Command line: ``lmtune finetune|quickstart|...`` and the reference's ``finetune_clm`` / ``finetune_seq2seq``.
+
+The only module that imports everything, and the only one that exits: every error a
+user can cause arrives as an ``LmtuneError`` and leaves as one paragraph on stderr with
+exit code 2; anything else is a bug, shown with its traceback, exit code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+
+from lmtune.errors import LmtuneError
+
+EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+
+
+def _finetune(argv: list[str], seq2seq: bool | None) -> int:
+    from lmtune.finetune import parse_for_model, run_finetune
+
+    if any(a in ("-h", "--help") for a in argv):
+        from lmtune.args import build_parser
+
+        build_parser(bool(seq2seq)).print_help()
+        return 0
+    metrics = run_finetune(parse_for_model(argv, seq2seq=seq2seq))
+    loss = metrics.get("train_loss")
+    if loss is not None:
+        print(f"lmtune: training loss {loss:.4f}")
+    return 0
+
+
+def _quickstart(argv: list[str]) -> int:
+    import argparse
+
+    from lmtune.demo import build_demo_model, default_demo_dir, demo_data_path
+    from lmtune.finetune import parse_for_model, run_finetune
+
+    parser = argparse.ArgumentParser(
+        prog="lmtune quickstart",
+        description="Fine-tune a small model lmtune builds on instruction data lmtune ships; extra flags "
+        "are passed to finetune.",
+    )
+    parser.add_argument("--output_dir", default="./lmtune-quickstart")
+    known, extra = parser.parse_known_args(argv)
+    model_dir = build_demo_model(default_demo_dir())
+    argv = [
+        "--model_name_or_path", str(model_dir), "--train_file", str(demo_data_path()),
+        "--output_dir", known.output_dir, "--do_train", "--do_eval", "--validation_split_percentage", "10",
+        "--dataset_concatenation", "--max_seq_length", "256", "--num_train_epochs", "3",
+        "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--lora_rank", "16",
+        "--lora_alpha", "32", "--lora_all_linear", "--logging_steps", "10", "--save_strategy", "no",
+        "--overwrite_output_dir", "--report_to", "none", "--disable_tqdm", "True", *extra,
+    ]
+    print(f"lmtune quickstart: model {model_dir}, data {demo_data_path()}")
+    metrics = run_finetune(parse_for_model(argv))
+    print(f"lmtune: training loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}, "
+          f"eval perplexity {metrics['eval_ppl']:.2f}; adapter in {known.output_dir}")
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "finetune": (lambda argv: _finetune(argv, None), "fine-tune a model (causal or seq2seq, from its config)"),
+    "quickstart": (_quickstart, "fine-tune lmtune's embedded small model on its sample data"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: lmtune COMMAND [FLAGS]", "", "commands:"]
+    lines += [f"  {name:<12} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _run(command: Callable[[], int]) -> int:
+    try:
+        return command()
+    except LmtuneError as err:
+        print(f"lmtune: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("lmtune: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: show everything, exit non-zero, never swallow
+        traceback.print_exc()
+        print(f"lmtune: failed with an unexpected {type(err).__name__}: {err}. "
+              "This is a bug in lmtune or a library; the traceback above shows where.", file=sys.stderr)
+        return EXIT_BUG
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lmtune`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else EXIT_USER_ERROR
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"lmtune: error: unknown command '{name}'.{hint}\n\n{_usage()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return _run(lambda: COMMANDS[name][0](rest))
+
+
+def main_clm(argv: list[str] | None = None) -> int:
+    """``finetune_clm``: the reference's causal-LM script."""
+    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    return _run(lambda: _finetune(list(sys.argv[1:] if argv is None else argv), None))
+
+
+def main_seq2seq(argv: list[str] | None = None) -> int:
+    """``finetune_seq2seq``: the reference's seq2seq (FLAN-T5) script."""
+    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    return _run(lambda: _finetune(list(sys.argv[1:] if argv is None else argv), True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

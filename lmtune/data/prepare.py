@@ -1,0 +1,132 @@
+"""The whole data flow in one call: sources -> formats -> render -> (pack) -> datasets.
+
+Contract: ``prepare_data`` returns tokenized train/validation ``datasets.Dataset`` objects
+ready for the collator, plus statistics, and raises ``DataFormatError`` for any bad
+input. It runs before the model loads, so a broken record costs seconds, not hours.
+Each task maps to one renderer in ``TASK_RENDERERS``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from lmtune.data.formats import to_examples
+from lmtune.data.packing import PackingStats, pack_examples
+from lmtune.data.render import RenderStats, render_examples
+from lmtune.data.sources import load_splits
+from lmtune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How records become samples (flat copies of the data flags)."""
+
+    max_seq_length: int = 512
+    max_source_length: int = 384
+    max_target_length: int = 128
+    train_on_inputs: bool = False
+    skip_invalid_records: bool = False
+    chat_template: str | None = None
+
+
+# A renderer turns one split's raw records into {"input_ids": [...], "labels": [...]} plus stats.
+Renderer = Callable[[datasets.Dataset, str, PreTrainedTokenizerBase, RenderSettings],
+                    tuple[dict[str, list[list[int]]], RenderStats]]
+
+
+def render_instructions(
+    dataset: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings
+) -> tuple[dict[str, list[list[int]]], RenderStats]:
+    """Completion and code-generation: instruction records -> prompt/response samples."""
+    examples = to_examples(dataset, dataset.column_names, source, skip_invalid=settings.skip_invalid_records)
+    return render_examples(
+        tokenizer, examples, max_seq_length=settings.max_seq_length, train_on_inputs=settings.train_on_inputs
+    )
+
+
+TASK_RENDERERS: dict[str, Renderer] = {
+    "completion": render_instructions,
+    "code-generation": render_instructions,
+}
+
+
+@dataclass
+class PreparedData:
+    train: datasets.Dataset | None = None
+    validation: datasets.Dataset | None = None
+    raw_validation: datasets.Dataset | None = None
+    stats: dict[str, RenderStats] = field(default_factory=dict)
+    packing: PackingStats | None = None
+
+
+def _head(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def prepare_data(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    task: str = "completion",
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_split: str | None = None,
+    validation_split: str | None = None,
+    validation_split_percentage: int = 0,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    dataset_concatenation: bool = False,
+    need_train: bool = True,
+    need_validation: bool = False,
+    settings: RenderSettings = RenderSettings(),
+    seed: int = 42,
+    cache_dir: str | None = None,
+    token: str | None = None,
+) -> PreparedData:
+    """Load, check, tokenize and (optionally) pack the train and validation data.
+
+    ``max_train_samples``/``max_eval_samples`` keep the first N records (before packing).
+
+    Raises:
+        ConfigError: for an unsupported task, or when validation is needed but there is none.
+        DataFormatError: for any unreadable file or bad record.
+    """
+    if task not in TASK_RENDERERS:
+        raise ConfigError(f"--task {task} is not supported; choose one of {', '.join(TASK_RENDERERS)}.")
+    renderer = TASK_RENDERERS[task]
+    splits = load_splits(
+        train_file=train_file, validation_file=validation_file, dataset_name=dataset_name,
+        dataset_config_name=dataset_config_name, train_split=train_split, validation_split=validation_split,
+        validation_split_percentage=validation_split_percentage, seed=seed, cache_dir=cache_dir, token=token,
+    )
+    if need_validation and "validation" not in splits:
+        raise ConfigError(
+            "--do_eval needs validation data: pass --validation_file, a dataset with a validation split "
+            "(or --validation_split NAME), or --validation_split_percentage N to hold out N% of the training data."
+        )
+    prepared = PreparedData()
+    source = dataset_name or train_file or ""
+    if need_train and "train" in splits:
+        samples, prepared.stats["train"] = renderer(
+            _head(splits["train"], max_train_samples), source, tokenizer, settings
+        )
+        logger.info("train: %s.", prepared.stats["train"].describe())
+        if dataset_concatenation:
+            samples, prepared.packing = pack_examples(samples, settings.max_seq_length)
+            logger.info("train: %s.", prepared.packing.describe())
+        prepared.train = datasets.Dataset.from_dict(samples)
+    if need_validation:
+        raw = _head(splits["validation"], max_eval_samples)
+        samples, prepared.stats["validation"] = renderer(raw, validation_file or source, tokenizer, settings)
+        logger.info("validation: %s.", prepared.stats["validation"].describe())
+        prepared.validation = datasets.Dataset.from_dict(samples)
+        prepared.raw_validation = raw
+    return prepared

@@ -1,0 +1,208 @@
+"""One fine-tuning run, start to end: the function the CLI and the Python API both call.
+
+``run_finetune`` reads top to bottom like the run itself: check arguments, prepare the
+output directory, load the tokenizer, prepare the data (all bad input fails here, before
+any weights load), load the model, attach the adapter, train, save, evaluate, report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import transformers
+from transformers import PreTrainedModel
+
+from lmtune.args import ParsedArgs, args_to_dict, config_to_argv, parse_args, validate_args
+from lmtune.data.collate import CausalLMCollator
+from lmtune.data.prepare import PreparedData, RenderSettings, prepare_data
+from lmtune.errors import UnsupportedError
+from lmtune.model.adapters import AdapterSettings, apply_adapter
+from lmtune.model.load import (
+    fit_embeddings_to_tokenizer,
+    is_seq2seq,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
+from lmtune.train.distributed import apply_launcher_env, check_device
+from lmtune.train.output_dir import prepare_output_dir, write_run_args
+from lmtune.train.packing_check import check_packing_isolation
+from lmtune.train.trainer import build_trainer
+
+logger = logging.getLogger(__name__)
+
+
+def _configure_logging(training: transformers.TrainingArguments) -> None:
+    level = training.get_process_log_level()
+    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    logging.getLogger("lmtune").setLevel(level if training.log_level != "passive" else logging.INFO)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def _with_device(args: ParsedArgs) -> ParsedArgs:
+    """Resolve ``--device`` into the TrainingArguments (``use_cpu``) before anything is placed."""
+    device = check_device("hpu" if args.finetune.use_habana else args.finetune.device)
+    if device == "cpu" and not args.training.use_cpu:
+        args.training = dataclasses.replace(args.training, use_cpu=True)
+    return args
+
+
+def _not_yet(args: ParsedArgs) -> None:
+    """Flags that parse but whose feature is not built yet fail clearly, before anything loads."""
+    pending = {
+        "--qlora": args.finetune.qlora,
+        "--do_lm_eval": args.finetune.do_lm_eval,
+        "--streaming": args.data.streaming,
+    }
+    given = [flag for flag, on in pending.items() if on]
+    if given:
+        raise UnsupportedError(f"{', '.join(given)}: not supported yet in lmtune {__import__('lmtune').__version__}.")
+
+
+def _prepare(args: ParsedArgs, tokenizer) -> PreparedData:
+    data, ft, training = args.data, args.finetune, args.training
+    settings = RenderSettings(
+        max_seq_length=data.max_seq_length, max_source_length=data.max_source_length,
+        max_target_length=data.max_target_length, train_on_inputs=ft.train_on_inputs,
+        skip_invalid_records=data.skip_invalid_records, chat_template=ft.chat_template,
+    )
+    with training.main_process_first(desc="data preparation"):
+        return prepare_data(
+            tokenizer, task=ft.task, train_file=data.train_file, validation_file=data.validation_file,
+            dataset_name=data.dataset_name, dataset_config_name=data.dataset_config_name,
+            train_split=data.train_split, validation_split=data.validation_split,
+            validation_split_percentage=data.validation_split_percentage,
+            max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
+            dataset_concatenation=data.dataset_concatenation, need_train=training.do_train,
+            need_validation=training.do_eval, settings=settings, seed=data.dataset_seed,
+            cache_dir=args.model.cache_dir, token=args.model.token,
+        )
+
+
+def _build_model(args: ParsedArgs, config, tokenizer) -> PreTrainedModel:
+    model_args, ft, training = args.model, args.finetune, args.training
+    model = load_model(
+        model_args.model_name_or_path, config,
+        dtype=resolve_dtype(training.bf16, training.fp16, ft.full_finetune),
+        revision=model_args.model_revision, token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+    )
+    fit_embeddings_to_tokenizer(model, tokenizer)
+    if training.activation_checkpointing:
+        model.config.use_cache = False
+        if not ft.full_finetune:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
+    if args.data.dataset_concatenation:
+        check_packing_isolation(model)
+    if ft.full_finetune:
+        return model
+    settings = AdapterSettings(
+        peft=ft.peft, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
+        lora_target_modules=tuple(ft.lora_target_modules) if ft.lora_target_modules else None,
+        lora_all_linear=ft.lora_all_linear, use_dora=ft.use_dora, use_rslora=ft.use_rslora,
+        adapter_layers=ft.adapter_layers, adapter_len=ft.adapter_len,
+        num_virtual_tokens=ft.num_virtual_tokens, ptun_hidden_size=ft.ptun_hidden_size,
+    )
+    return apply_adapter(model, settings)
+
+
+def run_finetune(args: ParsedArgs) -> dict[str, Any]:
+    """Run one fine-tuning job as the arguments describe.
+
+    Returns:
+        All metrics (``train_*`` and ``eval_*``), as also written to ``all_results.json``.
+
+    Raises:
+        LmtuneError: for every problem a user can cause, before training where possible.
+    """
+    validate_args(args)
+    _not_yet(args)
+    apply_launcher_env()
+    args = _with_device(args)
+    model_args, data_args, ft, training = args.model, args.data, args.finetune, args.training
+    _configure_logging(training)
+    transformers.set_seed(training.seed)
+    checkpoint = prepare_output_dir(
+        training.output_dir, overwrite=ft.overwrite_output_dir, resume_from_checkpoint=training.resume_from_checkpoint
+    )
+    config = load_config(
+        model_args.model_name_or_path, config_name=model_args.config_name, revision=model_args.model_revision,
+        token=model_args.token, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+    )
+    if is_seq2seq(config):
+        raise UnsupportedError(
+            f"{model_args.model_name_or_path} is an encoder-decoder ({config.model_type}); "
+            "seq2seq fine-tuning is not supported yet."
+        )
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path, tokenizer_name=model_args.tokenizer_name,
+        use_fast=model_args.use_fast_tokenizer, revision=model_args.model_revision, token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+        special_tokens=data_args.special_tokens,
+    )
+    data = _prepare(args, tokenizer)
+    if training.process_index == 0:
+        write_run_args(training.output_dir, args_to_dict(args))
+    model = _build_model(args, config, tokenizer)
+    collator = CausalLMCollator(
+        tokenizer.pad_token_id, max_length=data_args.max_seq_length if data_args.pad_to_max_length else None
+    )
+    if data_args.pad_to_max_length:
+        collator.pad_to_multiple_of = data_args.max_seq_length
+    trainer = build_trainer(
+        model, tokenizer, training, train_dataset=data.train, eval_dataset=data.validation,
+        data_collator=collator, eval_ppl=ft.eval_ppl,
+    )
+    metrics: dict[str, Any] = {}
+    if training.do_train:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        train_metrics = dict(result.metrics, train_samples=len(data.train))
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        metrics.update(train_metrics)
+    if training.do_eval:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = len(data.validation)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics
+
+
+def finetune(*, seq2seq: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Python API: the same arguments and behaviour as the command line.
+
+    Example:
+        >>> metrics = finetune(model_name_or_path="./tiny-llama", train_file="data.json",
+        ...                    output_dir="./out", do_train=True, peft="lora", max_steps=10)
+
+    Args:
+        seq2seq: Force the seq2seq argument set; by default taken from the model config.
+        **kwargs: Any flag, by its name without ``--``; lists for multi-value flags.
+
+    Returns:
+        The run's metrics.
+    """
+    argv = config_to_argv(kwargs, source="finetune()")
+    return run_finetune(parse_for_model(argv, seq2seq=seq2seq))
+
+
+def parse_for_model(argv: list[str], *, seq2seq: bool | None = None) -> ParsedArgs:
+    """Parse argv with the TrainingArguments class that fits the model (seq2seq or causal)."""
+    args = parse_args(argv, seq2seq=bool(seq2seq))
+    if seq2seq is None and args.model.model_name_or_path:
+        config = load_config(
+            args.model.model_name_or_path, config_name=args.model.config_name,
+            trust_remote_code=args.model.trust_remote_code, cache_dir=args.model.cache_dir,
+        )
+        if is_seq2seq(config):
+            args = parse_args(argv, seq2seq=True)
+    return args
+
+
+__all__ = ["finetune", "run_finetune", "parse_for_model"]
