@@ -45,6 +45,10 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model's repository to run (off unless given)."}
     )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={"help": "Also load pickle (.bin) model weights, which can run code; by default only safetensors."},
+    )
 
 
 @dataclass
@@ -119,11 +123,21 @@ class FinetuneArguments:
     quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "QLoRA 4-bit data type."})
     bits: int = field(default=4, metadata={"help": "QLoRA bits: 4 or 8."})
     full_finetune: bool = field(default=False, metadata={"help": "Train every weight, no adapter."})
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Prepare the data exactly as training would, print a report (tokens, truncation, "
+                  "supervised share, packing, one decoded sample, optimizer steps) and stop: no weights load, "
+                  "nothing trains, --output_dir is not touched."},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start fresh in a non-empty --output_dir instead of refusing or resuming."}
     )
     use_habana: bool = field(default=False, metadata={"help": "Gaudi: run on HPU (needs Habana's software)."})
     use_lazy_mode: bool = field(default=False, metadata={"help": "Gaudi: lazy execution mode."})
+    use_oneccl: bool = field(
+        default=False,
+        metadata={"help": "Use Intel oneCCL for CPU data parallelism (what --ddp_backend ccl asks for)."},
+    )
 
 
 @dataclass
@@ -141,8 +155,42 @@ LEGACY_FLAGS: dict[str, tuple[str, str]] = {
     "--evaluation_strategy": ("--eval_strategy", "renamed --eval_strategy in transformers 4.41"),
     "--group_by_length": ("--train_sampling_strategy", "became --train_sampling_strategy group_by_length"),
     "--gradient_checkpointing": ("--activation_checkpointing", "renamed --activation_checkpointing in transformers 5"),
+    "--warmup_ratio": ("--warmup_steps", "merged into --warmup_steps in transformers 5: a value below 1 is a ratio"),
 }
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` (last one wins, as in argparse), or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _accelerator_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _resolve_cpu_flag(argv: list[str]) -> list[str]:
+    """Add ``--use_cpu`` when the run will be on the CPU, before TrainingArguments checks bf16.
+
+    The reference rebuilt its TrainingArguments with ``no_cuda=True`` whenever the device
+    resolved to cpu; TrainingArguments now rejects ``--bf16`` without a GPU unless told
+    ``use_cpu``. A Gaudi run (``--device hpu``) also parses here, so that the run can stop
+    with Habana's own message instead of a bf16 error.
+    """
+    if _flag_value(argv, "--use_cpu") is not None or "--use_cpu" in argv:
+        return argv
+    device = (_flag_value(argv, "--device") or "auto").strip("\"'").lower()
+    if device == "cpu" or (device in ("auto", "hpu") and not _accelerator_present()):
+        return argv + ["--use_cpu", "True"]
+    return argv
 
 
 def _rewrite_legacy_flags(argv: list[str]) -> list[str]:
@@ -151,6 +199,13 @@ def _rewrite_legacy_flags(argv: list[str]) -> list[str]:
     while i < len(argv):
         arg = argv[i]
         flag, _, inline = arg.partition("=")
+        if flag == "--ddp_backend":
+            value = inline or (argv[i + 1] if i + 1 < len(argv) else "")
+            if value.lower() == "ccl":
+                logger.warning("--ddp_backend ccl: transformers no longer lists oneCCL; lmtune sets it up itself.")
+                out += ["--use_oneccl", "True"]
+                i += 1 if inline else 2
+                continue
         if flag not in LEGACY_FLAGS:
             out.append(arg)
             i += 1
@@ -259,7 +314,7 @@ def parse_args(argv: list[str] | None = None, *, seq2seq: bool = False) -> Parse
         ConfigError: on unknown flags (with a did-you-mean), bad values or an unreadable config file.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv = _rewrite_legacy_flags(_expand_config(argv))
+    argv = _resolve_cpu_flag(_rewrite_legacy_flags(_expand_config(argv)))
     parser = build_parser(seq2seq)
     try:
         model, data, finetune, training, remaining = parser.parse_args_into_dataclasses(
@@ -269,8 +324,12 @@ def parse_args(argv: list[str] | None = None, *, seq2seq: bool = False) -> Parse
         raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
     except ValueError as exc:  # TrainingArguments.__post_init__ checks
         raise ConfigError(str(exc)) from exc
+    except ImportError as exc:  # e.g. --deepspeed without the deepspeed package
+        raise ConfigError(f"{exc}. Install the missing package (for --deepspeed: pip install deepspeed).") from exc
     if remaining:
         _raise_unknown(parser, remaining)
+    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
+        training.output_dir = None  # transformers would invent "trainer_output"; the reference requires it
     if model.use_auth_token:
         logger.warning("--use_auth_token is deprecated and ignored; pass --token instead.")
     return ParsedArgs(model, data, finetune, training)
@@ -287,6 +346,33 @@ def args_to_dict(args: ParsedArgs) -> dict[str, dict[str, Any]]:
 
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+
+def _run_safety_problems(data: DataArguments, ft: FinetuneArguments, training: TrainingArguments) -> list[str]:
+    """Inputs that are not what they claim to be, and output/resume flags that contradict each other."""
+    problems = []
+    for flag in ("train_file", "validation_file"):
+        path = getattr(data, flag)
+        if path and Path(path).is_dir():
+            problems.append(f"--{flag} {path} is a directory; name a data file, or pass the directory as "
+                            "--dataset_name DIR")
+    if training.do_eval and not (data.validation_file or data.dataset_name or data.validation_split_percentage):
+        problems.append("--do_eval needs validation data: add --validation_file FILE or "
+                        "--validation_split_percentage N (N% of the training records are held out)")
+    output = Path(training.output_dir) if training.output_dir else None
+    if output is not None and output.is_file():
+        problems.append(f"--output_dir {training.output_dir} is a file; give a directory")
+    resume = training.resume_from_checkpoint
+    if resume and resume.lower() not in ("true", "latest", "last"):
+        if not Path(resume).is_dir():
+            problems.append(f"--resume_from_checkpoint {resume}: no such checkpoint directory")
+        elif ft.overwrite_output_dir and output is not None and output.resolve() in Path(resume).resolve().parents:
+            problems.append(f"--overwrite_output_dir would delete {resume}, the checkpoint --resume_from_checkpoint "
+                            "names; drop one of the two flags")
+    elif resume and ft.overwrite_output_dir:
+        problems.append(f"--resume_from_checkpoint {resume} resumes from a checkpoint in --output_dir, which "
+                        "--overwrite_output_dir clears; drop one of the two flags")
+    return problems
 
 
 def validate_args(args: ParsedArgs) -> None:
@@ -307,7 +393,7 @@ def validate_args(args: ParsedArgs) -> None:
         problems.append("give --train_file or --dataset_name, not both")
     for flag in ("train_file", "validation_file"):
         path = getattr(data, flag)
-        if path and not path.endswith(DATA_SUFFIXES):
+        if path and not path.endswith(DATA_SUFFIXES) and not Path(path).is_dir():
             problems.append(f"--{flag} {path}: unsupported file type; allowed: {', '.join(DATA_SUFFIXES)}")
     if training.do_train and not (data.dataset_name or data.train_file):
         problems.append("--do_train needs training data: --train_file or --dataset_name")
@@ -339,5 +425,6 @@ def validate_args(args: ParsedArgs) -> None:
         problems.append(f"--qlora trains LoRA adapters; --peft {ft.peft} cannot be quantized-trained")
     if training.bf16 and training.fp16:
         problems.append("--bf16 and --fp16 exclude each other")
+    problems += _run_safety_problems(data, ft, training)
     if problems:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))

@@ -62,9 +62,21 @@ def _quickstart(argv: list[str]) -> int:
     return 0
 
 
+def _chat(argv: list[str]) -> int:
+    from lmtune.chat.args import build_chat_parser, parse_chat_args
+
+    if any(a in ("-h", "--help") for a in argv):
+        build_chat_parser().print_help()
+        return 0
+    from lmtune.chat.session import run_chat
+
+    return run_chat(parse_chat_args(argv))
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "finetune": (lambda argv: _finetune(argv, None), "fine-tune a model (causal or seq2seq, from its config)"),
     "quickstart": (_quickstart, "fine-tune lmtune's embedded small model on its sample data"),
+    "chat": (_chat, "talk to a model (+ adapter) in the chat format it was trained with"),
 }
 
 

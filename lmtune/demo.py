@@ -33,7 +33,10 @@ BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 DEMO_MARKER = "lmtune_demo.json"
 # Bump when the build recipe changes, so stale caches are detected rather than reused.
 _RECIPE_VERSION = 1
-_DEMO_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json")
+_DEMO_FILES = (
+    "config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 # NeuralChat's prompt format. Expressions (not literal text) carry the newlines so that
 # Jinja whitespace control cannot eat them.
@@ -188,6 +191,7 @@ def build_demo_model(
         return output_dir
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the model folder should not be
     try:
         _write_demo_model(staging, settings)
         _move_into_place(staging, output_dir)
@@ -231,22 +235,30 @@ def _is_built(output_dir: Path, settings: dict) -> bool:
     if not any(output_dir.iterdir()):
         return False
     marker = output_dir / DEMO_MARKER
-    if not marker.is_file():
+    try:
+        found = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        found = None
+    if not isinstance(found, dict):
         raise ConfigError(
-            f"{output_dir} is not empty and is not an lmtune demo model (no {DEMO_MARKER}); "
+            f"{output_dir} is not empty and is not an lmtune demo model (no valid {DEMO_MARKER}); "
             "refusing to write into it. Pass an empty or new folder."
         )
-    found = json.loads(marker.read_text(encoding="utf-8"))
-    if found != settings:
-        changed = sorted(k for k in settings.keys() | found.keys() if found.get(k) != settings.get(k))
+    changed = [
+        f"{key}: built {str(found.get(key))[:12]}, asked {str(settings.get(key))[:12]}"
+        for key in sorted(settings.keys() | found.keys())
+        if found.get(key) != settings.get(key)
+    ]
+    if changed:
         raise ConfigError(
-            f"{output_dir} holds a demo model built with different settings ({', '.join(changed)}); "
-            "delete the folder or pass another output_dir."
+            f"{output_dir} holds a demo model built with different settings "
+            f"({'; '.join(changed)}); delete the folder or pass another output_dir."
         )
     missing = [name for name in _DEMO_FILES if not (output_dir / name).is_file()]
     if missing:
         raise ConfigError(
-            f"demo model in {output_dir} is missing {', '.join(missing)}; delete the folder and retry."
+            f"demo model in {output_dir} is missing {', '.join(missing)}; "
+            "delete the folder and retry."
         )
     return True
 
@@ -258,8 +270,9 @@ def _move_into_place(staging: Path, output_dir: Path) -> None:
             output_dir.rmdir()  # only succeeds if empty, which _is_built checked
         staging.rename(output_dir)
     except OSError:
-        # A concurrent build got there first; the caller re-checks what is there.
-        pass
+        # A concurrent build may have got there first; the caller then checks its result.
+        if not (output_dir / DEMO_MARKER).is_file():
+            raise
 
 
 def _demo_texts(records: Iterable[dict[str, str]]) -> Iterator[str]:
@@ -288,8 +301,9 @@ def _write_demo_model(folder: Path, settings: dict) -> None:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(settings["seed"])
-    model = LlamaForCausalLM(config).to(torch.float32)
+    with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
+        torch.manual_seed(settings["seed"])
+        model = LlamaForCausalLM(config).to(torch.float32)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -17,7 +17,9 @@ from transformers import PreTrainedModel
 from lmtune.args import ParsedArgs, args_to_dict, config_to_argv, parse_args, validate_args
 from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import PreparedData, RenderSettings, prepare_data
+from lmtune.data.report import build_data_report, estimate_steps, format_data_report
 from lmtune.errors import UnsupportedError
+from lmtune.export.model_card import write_run_summary
 from lmtune.model.adapters import AdapterSettings, apply_adapter
 from lmtune.model.load import (
     fit_embeddings_to_tokenizer,
@@ -28,8 +30,10 @@ from lmtune.model.load import (
     resolve_dtype,
 )
 from lmtune.train.distributed import apply_launcher_env, check_device
-from lmtune.train.output_dir import prepare_output_dir, write_run_args
+from lmtune.train.checkpointing import StopOnSignal
+from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir, write_run_args
 from lmtune.train.packing_check import check_packing_isolation
+from lmtune.train.progress import check_report_to, configure_messages, install_progress, is_interactive
 from lmtune.train.trainer import build_trainer
 
 logger = logging.getLogger(__name__)
@@ -40,6 +44,7 @@ def _configure_logging(training: transformers.TrainingArguments) -> None:
     logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
     logging.getLogger("lmtune").setLevel(level if training.log_level != "passive" else logging.INFO)
     transformers.utils.logging.set_verbosity(level)
+    configure_messages(interactive=is_interactive(training.disable_tqdm))
 
 
 def _with_device(args: ParsedArgs) -> ParsedArgs:
@@ -82,6 +87,28 @@ def _prepare(args: ParsedArgs, tokenizer) -> PreparedData:
         )
 
 
+def _report_data(args: ParsedArgs, tokenizer, data: PreparedData) -> dict[str, Any]:
+    """``--dry_run``: print what training would see, then stop before any weights load."""
+    data_args, training = args.data, args.training
+    steps = None if data.train is None else estimate_steps(
+        len(data.train), per_device_batch_size=training.train_batch_size, world_size=training.world_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        num_train_epochs=training.num_train_epochs, max_steps=training.max_steps,
+        drop_last=training.dataloader_drop_last,
+    )
+    train_source = data_args.dataset_name or data_args.train_file or ""
+    held_out = f"{train_source} ({data_args.validation_split_percentage}% held out)"
+    report = build_data_report(
+        tokenizer, train=data.train, validation=data.validation, stats=data.stats, packing=data.packing,
+        sources={"train": train_source, "validation": data_args.validation_file or held_out},
+        max_seq_length=data_args.max_seq_length, dataset_concatenation=data_args.dataset_concatenation,
+        train_on_inputs=args.finetune.train_on_inputs, steps=steps,
+    )
+    if training.process_index == 0:
+        print(format_data_report(report), flush=True)
+    return report.to_metrics()
+
+
 def _build_model(args: ParsedArgs, config, tokenizer) -> PreTrainedModel:
     model_args, ft, training = args.model, args.finetune, args.training
     model = load_model(
@@ -89,10 +116,13 @@ def _build_model(args: ParsedArgs, config, tokenizer) -> PreTrainedModel:
         dtype=resolve_dtype(training.bf16, training.fp16, ft.full_finetune),
         revision=model_args.model_revision, token=model_args.token,
         trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+        allow_pickle_weights=model_args.allow_pickle_weights,
     )
     fit_embeddings_to_tokenizer(model, tokenizer)
+    # Training needs no KV cache, and with one transformers stops deriving the block-diagonal
+    # mask of packed rows from their position_ids: packed samples would attend to each other.
+    model.config.use_cache = False
     if training.activation_checkpointing:
-        model.config.use_cache = False
         if not ft.full_finetune:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
     if args.data.dataset_concatenation:
@@ -120,14 +150,17 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     """
     validate_args(args)
     _not_yet(args)
+    check_report_to(args.training.report_to)
     apply_launcher_env()
     args = _with_device(args)
     model_args, data_args, ft, training = args.model, args.data, args.finetune, args.training
     _configure_logging(training)
     transformers.set_seed(training.seed)
-    checkpoint = prepare_output_dir(
-        training.output_dir, overwrite=ft.overwrite_output_dir, resume_from_checkpoint=training.resume_from_checkpoint
-    )
+    with training.main_process_first(desc="output directory"):
+        checkpoint = None if ft.dry_run else prepare_output_dir(  # a dry run leaves --output_dir alone
+            training.output_dir, overwrite=ft.overwrite_output_dir,
+            resume_from_checkpoint=training.resume_from_checkpoint, current_args=args_to_dict(args),
+        )
     config = load_config(
         model_args.model_name_or_path, config_name=model_args.config_name, revision=model_args.model_revision,
         token=model_args.token, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
@@ -144,7 +177,11 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         special_tokens=data_args.special_tokens,
     )
     data = _prepare(args, tokenizer)
+    if ft.dry_run:
+        return _report_data(args, tokenizer, data)
     if training.process_index == 0:
+        if ft.overwrite_output_dir and checkpoint is None:
+            clear_earlier_run(training.output_dir)
         write_run_args(training.output_dir, args_to_dict(args))
     model = _build_model(args, config, tokenizer)
     collator = CausalLMCollator(
@@ -152,13 +189,18 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     )
     if data_args.pad_to_max_length:
         collator.pad_to_multiple_of = data_args.max_seq_length
+    stopper = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
     trainer = build_trainer(
         model, tokenizer, training, train_dataset=data.train, eval_dataset=data.validation,
-        data_collator=collator, eval_ppl=ft.eval_ppl,
+        data_collator=collator, eval_ppl=ft.eval_ppl, callbacks=[stopper],
     )
+    install_progress(trainer)
     metrics: dict[str, Any] = {}
     if training.do_train:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        with stopper.installed():
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+        if stopper.received is not None:
+            raise stopper.interruption(trainer.state, training.output_dir)
         trainer.save_model()
         train_metrics = dict(result.metrics, train_samples=len(data.train))
         trainer.log_metrics("train", train_metrics)
@@ -171,6 +213,8 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    if training.do_train and trainer.is_world_process_zero():
+        write_run_summary(training.output_dir, trainer.state.log_history, world_size=training.world_size)
     return metrics
 
 

@@ -34,10 +34,9 @@ SCRIPT_MODULES: dict[str, tuple[str, ...]] = {
     "finetune_clm": ("lmtune.finetune_clm",),
     "finetune_seq2seq": ("lmtune.finetune_seq2seq",),
     "finetune": ("lmtune.cli", "finetune"),
-    "eval": ("lmtune.cli", "eval"),
 }
-# `lmtune SUBCOMMAND` forms worth running on several processes.
-SUBCOMMANDS = ("finetune", "eval")
+# `lmtune SUBCOMMAND` forms worth running on several processes (add "eval" when cli.py has it).
+SUBCOMMANDS = ("finetune",)
 
 
 class LaunchTarget(NamedTuple):
@@ -77,8 +76,8 @@ def resolve_target(script: str, script_args: list[str]) -> LaunchTarget:
 
     Args:
         script: ``finetune_clm``, ``finetune_seq2seq`` (``.py`` optional, as the
-            reference's users type it), ``finetune``/``eval`` or ``lmtune
-            finetune``/``lmtune eval``, or a path to a ``.py`` file.
+            reference's users type it), ``finetune`` or ``lmtune finetune``, or
+            a path to a ``.py`` file.
         script_args: The arguments that follow the script.
 
     Returns:
@@ -99,14 +98,13 @@ def resolve_target(script: str, script_args: list[str]) -> LaunchTarget:
     if key in SCRIPT_MODULES:
         module, *leading = SCRIPT_MODULES[key]
         return LaunchTarget(module, [*leading, *script_args], is_module=True)
-    if script.endswith(".py"):
-        if not os.path.isfile(script):
-            raise ConfigError(f"script file {script!r} does not exist. Fix: check the path.")
+    if script.endswith(".py") and os.path.isfile(script):
         return LaunchTarget(script, list(script_args), is_module=False)
     names = [*SCRIPT_MODULES, "lmtune"]
+    problem = f"script file {script!r} does not exist" if script.endswith(".py") else f"unknown script {script!r}"
     raise ConfigError(
-        f"unknown script {script!r}; allowed: {', '.join(names)} (with or without .py) or a path "
-        f"to a .py file.{_did_you_mean(key, names)}"
+        f"{problem}; allowed: {', '.join(names)} (with or without .py) or the path of a .py "
+        f"file.{_did_you_mean(key, names)}"
     )
 
 
@@ -258,7 +256,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises ConfigError instead of exiting, so main() reports it once."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{message}. Usage: {self.format_usage().strip()}")
+        raise ConfigError(f"{message}. Fix: python -m lmtune.launch --help lists the flags.")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -279,7 +277,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--master_port", type=int, default=None,
                         help=f"Rank 0's port (default: $MASTER_PORT, else {DEFAULT_MASTER_PORT}).")
     parser.add_argument("--hostfile", default=None, help="Hostfile listing the nodes (mpirun, deepspeed).")
-    parser.add_argument("script", help="finetune_clm[.py], finetune_seq2seq[.py], lmtune finetune|eval, "
+    parser.add_argument("script", help="finetune_clm[.py], finetune_seq2seq[.py], lmtune finetune, "
                         "or a .py file.")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="Arguments for the script.")
     return parser

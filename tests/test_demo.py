@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import jinja2
@@ -202,7 +203,9 @@ def test_build_is_idempotent(demo_dir: Path) -> None:
 
 
 def test_build_is_reproducible(demo_dir: Path, tmp_path: Path) -> None:
+    rng_state = torch.get_rng_state()
     other = build_demo_model(tmp_path / "again")
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's RNG is untouched
     for name in ("model.safetensors", "tokenizer.json", "config.json", DEMO_MARKER):
         assert (other / name).read_bytes() == (demo_dir / name).read_bytes(), name
 
@@ -219,10 +222,16 @@ def test_build_fills_an_empty_existing_dir(tmp_path: Path) -> None:
 def test_build_refuses_foreign_dir(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
-    with pytest.raises(ConfigError, match="not an lmtune demo model"):
+    with pytest.raises(ConfigError, match="not an lmtune demo model .*refusing to write"):
         build_demo_model(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     assert notes.read_text() == "mine"
+
+
+def test_build_refuses_foreign_marker(tmp_path: Path) -> None:
+    (tmp_path / DEMO_MARKER).write_text("not json")
+    with pytest.raises(ConfigError, match="no valid lmtune_demo.json"):
+        build_demo_model(tmp_path)
 
 
 def test_build_refuses_file_path(tmp_path: Path) -> None:
@@ -234,7 +243,7 @@ def test_build_refuses_file_path(tmp_path: Path) -> None:
 
 def test_build_refuses_demo_with_other_settings(demo_dir: Path, tmp_path: Path) -> None:
     copy = shutil.copytree(demo_dir, tmp_path / "copy")
-    with pytest.raises(ConfigError, match=r"different settings \(seed\)"):
+    with pytest.raises(ConfigError, match=r"different settings \(seed: built 0, asked 1\)"):
         build_demo_model(copy, seed=1)
 
 
@@ -246,7 +255,8 @@ def test_build_refuses_incomplete_demo(demo_dir: Path, tmp_path: Path) -> None:
 
 
 def test_build_rejects_bad_settings(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"num_heads \(4\) must be divisible by num_kv_heads \(3\)"):
+    divisible = r"num_heads \(4\) must be divisible by num_kv_heads \(3\)"
+    with pytest.raises(ConfigError, match=divisible):
         build_demo_model(tmp_path / "m", num_kv_heads=3)
     with pytest.raises(ConfigError, match=r"hidden_size must be > 0 \(got 0\)"):
         build_demo_model(tmp_path / "m", hidden_size=0)
@@ -266,6 +276,17 @@ def test_default_demo_dir_follows_lmtune_home(
 # --- training -----------------------------------------------------------------
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    # A 150k-parameter model gains nothing from intra-op threads, and on a busy 2-core
+    # runner their spin-waiting made this test ~15x slower (0.8 s vs 12 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_training_on_demo_data_lowers_loss(demo_dir: Path, records: list[dict[str, str]]) -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(demo_dir)

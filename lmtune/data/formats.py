@@ -12,6 +12,14 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from lmtune.data.sources import (  # MAX_INVALID_SHARE is re-exported: other stages import it from here
+    LOCATION_COLUMN,
+    MAX_INVALID_SHARE,
+    SKIP_HINT,
+    describe_value,
+    record_location,
+    report_skipped,
+)
 from lmtune.errors import DataFormatError
 
 logger = logging.getLogger(__name__)
@@ -28,8 +36,7 @@ ALPACA_PROMPT_WITH_INPUT = (
 )
 QUESTION_ANSWER_PROMPT = "Question: {question}\n\nAnswer: "
 
-# Share of bad records above which --skip_invalid_records still refuses to train.
-MAX_INVALID_SHARE = 0.1
+__all__ = ["MAX_INVALID_SHARE", "RecordFormat", "alpaca_prompt", "check_record", "detect_format", "to_examples"]
 
 
 def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
@@ -65,10 +72,28 @@ def _plain_text(record: dict) -> dict[str, str]:
     return {"prompt": "", "response": record["text"]}
 
 
+# Intel/orca_dpo_pairs, supervised on the chosen answer. The reference glued system and question
+# together with no separator. Here the system text takes the place of Alpaca's preamble (which is
+# itself a system prompt) ahead of the question as the instruction: records without a system prompt
+# get exactly the Alpaca prompt every other instruction record of --task completion trains on, and
+# the model still sees where the system text ends and the question begins. This stays a plain
+# prompt/response pair on purpose; --task chat reads the same records as a one-turn conversation in
+# the chat format that `lmtune chat` uses (lmtune.data.chat).
+ORCA_DPO_PROMPT = "{system}\n\n### Instruction:\n{question}\n\n### Response:\n"
+
+
+def _orca_dpo(record: dict) -> dict[str, str]:
+    system = (record.get("system") or "").strip()
+    if not system:
+        return {"prompt": alpaca_prompt(record["question"]), "response": record["chosen"]}
+    return {"prompt": ORCA_DPO_PROMPT.format(system=system, question=record["question"]), "response": record["chosen"]}
+
+
 # Detection order matters: the first format whose required fields are all present wins.
 INSTRUCTION_FORMATS: tuple[RecordFormat, ...] = (
     RecordFormat("alpaca", ("instruction", "output"), ("input",), _alpaca),
     RecordFormat("question-answer", ("question", "response"), (), _question_answer),
+    RecordFormat("orca-dpo-pairs", ("question", "chosen"), ("system",), _orca_dpo),
     RecordFormat("prompt-completion", ("prompt", "completion"), (), _prompt_completion),
     RecordFormat("text", ("text",), (), _plain_text),
 )
@@ -79,33 +104,54 @@ def detect_format(columns: Iterable[str], source: str, formats: tuple[RecordForm
     """Pick the record format from the column names.
 
     Raises:
-        DataFormatError: naming the columns found and the schemas accepted.
+        DataFormatError: naming the columns found, the closest format and what it lacks, and
+            the schemas accepted.
     """
-    present = set(columns)
+    present = set(columns) - {LOCATION_COLUMN}
     for fmt in formats:
         if set(fmt.required) <= present:
             return fmt
-    accepted = "; ".join(f"{f.name}: {', '.join(f.required + f.optional)}" for f in formats)
+    closest = max(formats, key=lambda f: len(set(f.required) & present))
+    missing = [name for name in closest.required if name not in present]
+    hint = ""
+    if set(closest.required) & present:
+        hint = f" Closest: {closest.name}, which also needs {', '.join(repr(m) for m in missing)}."
+    accepted = "; ".join(f"{f.name} ({', '.join(f.required + f.optional)})" for f in formats)
     raise DataFormatError(
-        f"{source}: records have fields {sorted(present)}, which match no known format. Accepted: {accepted}."
+        f"{source}: the records have fields {sorted(present)}, which match no known format.{hint} "
+        f"Expected one of: {accepted}. Fix: rename the fields (or choose the --task that reads them)."
     )
 
 
+def _needs(fmt: RecordFormat) -> str:
+    optional = f", and optionally {', '.join(fmt.optional)}" if fmt.optional else ""
+    return f"{fmt.name} records have {', '.join(fmt.required)}{optional}"
+
+
 def check_record(record: dict, fmt: RecordFormat, index: int, source: str) -> str | None:
-    """Return what is wrong with one record, or None when it is usable."""
+    """Return what is wrong with one record, or None when it is usable.
+
+    The message names the source, the record (and line, for JSON Lines), the field, what it
+    holds and what was expected.
+    """
+    where = f"{source}: {record_location(record, index)}: field"
     for name in fmt.required:
         value = record.get(name)
         if value is None:
-            return f"{source}: record {index}: field '{name}' is missing; {fmt.name} records need {fmt.required}"
+            return f"{where} '{name}' is missing (or null); expected a string ({_needs(fmt)})"
         if not isinstance(value, str):
-            return f"{source}: record {index}: field '{name}' is a {type(value).__name__}, expected a string"
+            return f"{where} '{name}' is {describe_value(value)}; expected a string"
         if not value.strip() and name != "prompt":
-            return f"{source}: record {index}: field '{name}' is empty"
+            return f"{where} '{name}' is empty; expected text to {'learn' if name in _TARGETS else 'learn from'}"
     for name in fmt.optional:
         value = record.get(name)
         if value is not None and not isinstance(value, str):
-            return f"{source}: record {index}: field '{name}' is a {type(value).__name__}, expected a string"
+            return f"{where} '{name}' is {describe_value(value)}; expected a string (or no '{name}' field)"
     return None
+
+
+# Fields that hold what the model is trained to produce (named in "is empty" messages).
+_TARGETS = {"output", "response", "completion", "chosen", "text", "highlights"}
 
 
 def to_examples(
@@ -141,19 +187,10 @@ def to_examples(
         if problem is None:
             examples.append(fmt.to_example(record))
         elif not skip_invalid:
-            raise DataFormatError(problem + ". Fix the record, or pass --skip_invalid_records to drop bad records.")
+            raise DataFormatError(f"{problem}. Fix: correct the record, {SKIP_HINT}.")
         else:
             problems.append(problem)
-    if problems:
-        share = len(problems) / total
-        for problem in problems[:5]:
-            logger.warning("skipped: %s", problem)
-        if share > MAX_INVALID_SHARE:
-            raise DataFormatError(
-                f"{source}: {len(problems)} of {total} records are invalid ({share:.0%}, more than "
-                f"{MAX_INVALID_SHARE:.0%}); this looks like the wrong file or schema. First: {problems[0]}"
-            )
-        logger.warning("%s: skipped %d invalid record(s) of %d.", source, len(problems), total)
+    report_skipped(source, problems, total)
     if not examples:
         raise DataFormatError(f"{source}: no usable records.")
     logger.info("%s: %d records in %s format.", source, len(examples), fmt.name)

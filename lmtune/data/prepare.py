@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from lmtune.data.chat import render_chat_records
 from lmtune.data.formats import to_examples
 from lmtune.data.packing import PackingStats, pack_examples
 from lmtune.data.render import RenderStats, render_examples
 from lmtune.data.sources import load_splits
+from lmtune.data.summarization import render_summarization_records
 from lmtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -51,9 +53,33 @@ def render_instructions(
     )
 
 
+def render_chat(
+    dataset: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings
+) -> tuple[dict[str, list[list[int]]], RenderStats]:
+    """Chat: conversations (messages, ShareGPT/SlimOrca conversations, orca_dpo_pairs) -> one sample each."""
+    return render_chat_records(
+        dataset, dataset.column_names, tokenizer, source=source, chat_template=settings.chat_template,
+        max_seq_length=settings.max_seq_length, max_source_length=settings.max_source_length,
+        train_on_inputs=settings.train_on_inputs, skip_invalid=settings.skip_invalid_records,
+    )
+
+
+def render_summaries(
+    dataset: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings
+) -> tuple[dict[str, list[list[int]]], RenderStats]:
+    """Summarization: article/highlights records -> article + instruction prompt, highlights target."""
+    return render_summarization_records(
+        dataset, dataset.column_names, tokenizer, source=source, max_seq_length=settings.max_seq_length,
+        max_source_length=settings.max_source_length, train_on_inputs=settings.train_on_inputs,
+        skip_invalid=settings.skip_invalid_records,
+    )
+
+
 TASK_RENDERERS: dict[str, Renderer] = {
     "completion": render_instructions,
     "code-generation": render_instructions,
+    "chat": render_chat,
+    "summarization": render_summaries,
 }
 
 
@@ -64,6 +90,12 @@ class PreparedData:
     raw_validation: datasets.Dataset | None = None
     stats: dict[str, RenderStats] = field(default_factory=dict)
     packing: PackingStats | None = None
+
+
+def _report(split: str, source: str, stats: RenderStats) -> None:
+    """One line per split; a warning when samples were dropped, so it shows at any log level."""
+    log = logger.warning if stats.dropped_long_prompt else logger.info
+    log("%s (%s): %s.", split, source, stats.describe())
 
 
 def _head(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
@@ -106,6 +138,7 @@ def prepare_data(
         train_file=train_file, validation_file=validation_file, dataset_name=dataset_name,
         dataset_config_name=dataset_config_name, train_split=train_split, validation_split=validation_split,
         validation_split_percentage=validation_split_percentage, seed=seed, cache_dir=cache_dir, token=token,
+        skip_invalid=settings.skip_invalid_records,
     )
     if need_validation and "validation" not in splits:
         raise ConfigError(
@@ -118,7 +151,7 @@ def prepare_data(
         samples, prepared.stats["train"] = renderer(
             _head(splits["train"], max_train_samples), source, tokenizer, settings
         )
-        logger.info("train: %s.", prepared.stats["train"].describe())
+        _report("train", source, prepared.stats["train"])
         if dataset_concatenation:
             samples, prepared.packing = pack_examples(samples, settings.max_seq_length)
             logger.info("train: %s.", prepared.packing.describe())
@@ -126,7 +159,7 @@ def prepare_data(
     if need_validation:
         raw = _head(splits["validation"], max_eval_samples)
         samples, prepared.stats["validation"] = renderer(raw, validation_file or source, tokenizer, settings)
-        logger.info("validation: %s.", prepared.stats["validation"].describe())
+        _report("validation", validation_file or source, prepared.stats["validation"])
         prepared.validation = datasets.Dataset.from_dict(samples)
         prepared.raw_validation = raw
     return prepared

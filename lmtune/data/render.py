@@ -32,6 +32,14 @@ class RenderStats:
     tokens: int = 0
     supervised_tokens: int = 0
     dropped_indices: list[int] = field(default_factory=list)
+    truncated_tokens: int = 0  # tokens cut off all truncated samples together
+    max_truncated_tokens: int = 0  # the most cut off one sample
+
+    def note_truncation(self, cut: int) -> None:
+        """Count one sample that lost ``cut`` tokens to the length limit."""
+        self.truncated += 1
+        self.truncated_tokens += cut
+        self.max_truncated_tokens = max(self.max_truncated_tokens, cut)
 
     def describe(self) -> str:
         share = self.supervised_tokens / max(self.tokens, 1)
@@ -111,8 +119,8 @@ def render_examples(
                 stats.dropped_indices.append(start + offset)
                 continue
             if len(ids) > max_seq_length:
+                stats.note_truncation(len(ids) - max_seq_length)
                 ids = ids[: max_seq_length - 1] + [eos]
-                stats.truncated += 1
             labels = list(ids)
             masked = 1 if train_on_inputs else max(boundary, 1)
             labels[:masked] = [IGNORE_INDEX] * masked

@@ -1,16 +1,22 @@
 """Stage 1 of the data flow: read raw records from files, local dataset directories or the hub.
 
 Contract: ``load_splits`` returns ``{split_name: datasets.Dataset}`` holding the records as
-they are in the source; nothing is tokenized or reformatted here. JSON and JSONL files are
-read by hand because ``datasets`` reports a broken line without its line number, accepts
-undecodable bytes until they are read, and says ``StopIteration`` for an empty file.
+they are in the source; nothing is tokenized or reformatted here. JSON and JSON Lines files
+are read by hand because ``datasets`` reports a broken line without its line number, accepts
+undecodable bytes until they are read, says ``StopIteration`` for an empty file, and cannot
+hold a column whose type changes between records. Every problem found here names the file,
+the line or record, what was expected and the fix. Records read from a JSON file carry their
+position in the file in ``LOCATION_COLUMN`` (``record 10 (line 11)``), so later stages can name
+it after shuffling or skipping.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import datasets
 
@@ -20,112 +26,349 @@ logger = logging.getLogger(__name__)
 
 TRAIN_SPLIT_CANDIDATES = ("train", "train_sft")
 VALIDATION_SPLIT_CANDIDATES = ("validation", "valid", "val", "test_sft", "test")
+LOCATION_COLUMN = "_lmtune_location"
+# Share of bad records above which --skip_invalid_records still refuses to train.
+MAX_INVALID_SHARE = 0.1
+SKIP_HINT = "or pass --skip_invalid_records to skip bad records"
+_SHOWN_PROBLEMS = 5
 
 
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
+def record_location(record: dict, index: int) -> str:
+    """Where a record sits in its source: ``record 10 (line 11)`` for a JSON Lines file."""
+    return record.get(LOCATION_COLUMN) or f"record {index}"
+
+
+def describe_value(value: Any, limit: int = 60) -> str:
+    """``a list (['Describe the…'])``: the JSON kind of a value and a short excerpt of it."""
+    if value is None:
+        return "null"
+    kinds = {str: "a string", bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    kind = kinds.get(type(value), type(value).__name__)
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return f"{kind} ({text if len(text) <= limit else text[: limit - 1] + '…'})"
+
+
+def report_skipped(source: str, problems: list[str], total: int, what: str = "records") -> None:
+    """Log what ``--skip_invalid_records`` dropped, or refuse when too much of the data is bad.
+
+    Raises:
+        DataFormatError: when more than ``MAX_INVALID_SHARE`` of ``total`` was dropped.
+    """
+    if not problems:
+        return
+    share = len(problems) / max(total, 1)
+    if share > MAX_INVALID_SHARE:
+        raise DataFormatError(
+            f"{source}: {len(problems)} of {total} {what} are invalid ({share:.0%}, more than the "
+            f"{MAX_INVALID_SHARE:.0%} --skip_invalid_records accepts); this looks like the wrong file or schema. "
+            f"First: {problems[0]}. Fix the data."
+        )
+    for problem in problems[:_SHOWN_PROBLEMS]:
+        logger.warning("skipped: %s", problem)
+    more = f" ({len(problems) - _SHOWN_PROBLEMS} more not shown)" if len(problems) > _SHOWN_PROBLEMS else ""
+    logger.warning("%s: skipped %d invalid %s of %d (%.1f%%)%s.", source, len(problems), what, total,
+                   100 * share, more)
+
+
+def _undecodable(path: Path, raw: bytes, err: UnicodeDecodeError, offset: int = 0) -> str:
+    start = offset + err.start
+    line = raw[:start].count(b"\n") + 1
+    column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
+    return (f"{path}: line {line}, column {column}: byte 0x{raw[start]:02x} is not valid UTF-8; expected UTF-8 "
+            "text. Fix: re-save the file as UTF-8 (this byte looks like cp1252/latin-1 text)")
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataFormatError(f"{path}: the file is UTF-16 encoded; expected UTF-8. Fix: re-save it as UTF-8.")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        raise DataFormatError(
-            f"{path}: line {line}, column {column}: byte 0x{raw[err.start]:02x} is not valid UTF-8. "
-            "Re-save the file as UTF-8 (it looks like cp1252/latin-1 text)."
-        ) from err
+        raise DataFormatError(_undecodable(path, raw, err) + ".") from err
 
 
-def read_json_records(path: str | Path) -> list[dict]:
-    """Read a JSON array of objects, or JSON Lines, into a list of dicts.
+def _read_json_array(path: Path, text: str) -> list[Any]:
+    """Parse ``[...]`` element by element, so that an error names the record it is in."""
+    decoder = json.JSONDecoder()
+    records: list[Any] = []
+    end = len(text)
+    pos = text.index("[") + 1
 
-    Raises:
-        DataFormatError: naming the file and line for syntax errors, undecodable bytes,
-            an empty file, or an entry that is not an object.
-    """
-    path = Path(path)
-    text = _decode(path)
-    if not text.strip():
-        raise DataFormatError(f"{path}: the file is empty; expected instruction records.")
-    records: list = []
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataFormatError(
-                    f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno}). "
-                    "Each line of a .jsonl file must be one complete JSON object."
-                ) from err
-            if not isinstance(records[-1], dict):
-                raise DataFormatError(f"{path}: line {number} is a {type(records[-1]).__name__}, expected an object.")
-    else:
+    def skip_space(at: int) -> int:
+        while at < end and text[at] in " \t\r\n":
+            at += 1
+        return at
+
+    pos = skip_space(pos)
+    while pos < end and text[pos] != "]":
         try:
-            records = json.loads(text)
+            record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            raise DataFormatError(
-                f"{path}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
-                " (is the file truncated?)."
-            ) from err
-        for index, record in enumerate(records):
-            if not isinstance(record, dict):
-                raise DataFormatError(f"{path}: record {index} is a {type(record).__name__}, expected an object.")
-    if not records:
-        raise DataFormatError(f"{path}: holds no records.")
+            raise DataFormatError(_array_syntax(path, text, err, len(records))) from err
+        records.append(record)
+        pos = skip_space(pos)
+        if pos < end and text[pos] == ",":
+            pos = skip_space(pos + 1)
+        elif pos < end and text[pos] != "]":
+            err = json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            raise DataFormatError(_array_syntax(path, text, err, len(records))) from None
+    if pos >= end:
+        err = json.JSONDecodeError("the array is never closed with ']'", text, end)
+        raise DataFormatError(_array_syntax(path, text, err, len(records)))
+    if text[pos + 1 :].strip():
+        line = text.count("\n", 0, pos) + 1
+        raise DataFormatError(f"{path}: line {line}: text after the closing ']'; expected the end of the file. "
+                              "Fix: remove it (two arrays in one file?).")
     return records
 
 
-def _check_columns_consistent(path: Path, records: list[dict]) -> None:
-    """Arrow needs one type per column; say which record breaks that instead of an Arrow error."""
-    seen: dict[str, tuple[type, int]] = {}
-    for index, record in enumerate(records):
-        for key, value in record.items():
-            if value is None:
+def _array_syntax(path: Path, text: str, err: json.JSONDecodeError, index: int) -> str:
+    truncated = not text.rstrip().endswith("]")
+    where = f"record {index}: {err.msg} at line {err.lineno}, column {err.colno}"
+    if truncated:
+        intact = f"records 0-{index - 1} are complete" if index else "no record is complete"
+        return (f"{path}: {where}; the file ends before its JSON array is closed, so it looks "
+                f"truncated ({intact}). Fix: restore the whole file.")
+    return (f"{path}: {where}: not valid JSON; expected a JSON array of objects. "
+            "Fix: repair the syntax there (a missing comma, quote or brace?).")
+
+
+def _whole_object_problem(path: Path, text: str) -> str | None:
+    """A .json file holding one object (columns, or records under a key) instead of records."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(value, dict) or text.strip().count("\n") == 0:
+        return None
+    lists = [key for key, item in value.items() if isinstance(item, list)]
+    hint = f" (are the records under '{lists[0]}'? save that list on its own)" if lists else ""
+    return (f"{path}: the file holds one JSON object{hint}; expected a JSON array of records, or one "
+            "JSON object per line. Fix: write the records as [{...}, {...}] or as JSON Lines.")
+
+
+def _read_json_lines(path: Path, raw: bytes, skip_invalid: bool) -> list[dict]:
+    """One object per line; a bad line is an error, or skipped and reported with --skip_invalid_records."""
+    records: list[dict] = []
+    problems: list[str] = []
+    seen = 0
+    offset = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    for number, line in enumerate(raw[offset:].split(b"\n"), start=1):
+        start = offset
+        offset += len(line) + 1
+        if not line.strip():
+            continue
+        seen += 1
+        problem, record = _parse_line(path, raw, line, number, start)
+        if problem is None:
+            record[LOCATION_COLUMN] = f"record {len(records)} (line {number})"
+            records.append(record)
+        elif not skip_invalid:
+            raise DataFormatError(f"{problem}, {SKIP_HINT}.")
+        else:
+            problems.append(problem)
+    report_skipped(str(path), problems, seen, "lines")
+    return records
+
+
+def _parse_line(path: Path, raw: bytes, line: bytes, number: int, start: int) -> tuple[str | None, Any]:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return _undecodable(path, raw, err, start), None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        return (f"{path}: line {number}, column {err.colno}: not valid JSON ({err.msg}); expected one complete "
+                "JSON object per line. Fix: repair that line (a missing brace, comma or quote?)"), None
+    if not isinstance(record, dict):
+        return (f"{path}: line {number}: is {describe_value(record)}; expected a JSON object with the record's "
+                "fields. Fix: write one {...} object per line"), None
+    return None, record
+
+
+def read_json_records(path: str | Path, *, skip_invalid: bool = False) -> list[dict]:
+    """Read a JSON array of objects, or JSON Lines, into a list of dicts.
+
+    The layout is taken from the content, not the suffix: a file starting with ``[`` is an
+    array, anything else one object per line. A UTF-8 byte-order mark and CRLF line ends are
+    accepted.
+
+    Args:
+        path: The file.
+        skip_invalid: Skip JSON Lines lines that are undecodable, not JSON or not objects
+            (reported; refused beyond ``MAX_INVALID_SHARE``) instead of raising.
+
+    Returns:
+        The records; from JSON Lines each carries ``LOCATION_COLUMN``.
+
+    Raises:
+        DataFormatError: naming the file, line/record and problem, for syntax errors,
+            undecodable bytes, an empty file or an entry that is not an object.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if not raw.strip(b" \t\r\n\xef\xbb\xbf"):
+        raise DataFormatError(
+            f"{path}: the file is empty ({len(raw)} bytes); expected a JSON array of records or one JSON object "
+            "per line. Fix: point the flag at the file that holds the data."
+        )
+    if raw.lstrip(b" \t\r\n\xef\xbb\xbf").startswith(b"["):
+        records = _read_json_array(path, _decode(path, raw))
+        for index, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{path}: record {index} is {describe_value(record)}; expected an object "
+                                      "with the record's fields. Fix: make every array entry a {...} object.")
+            record[LOCATION_COLUMN] = f"record {index}"
+    else:
+        try:
+            whole = _whole_object_problem(path, raw.decode("utf-8-sig"))
+        except UnicodeDecodeError:
+            whole = None  # reported line by line below
+        if whole:
+            raise DataFormatError(whole)
+        records = _read_json_lines(path, raw, skip_invalid)
+    if not records:
+        raise DataFormatError(f"{path}: holds no records (an empty array); expected at least one record.")
+    return records
+
+
+def _shape(value: Any) -> Any:
+    """The Arrow-relevant structure of a JSON value: kind names, nested for lists and objects."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        element = None
+        for item in value:
+            element = _merge(element, _shape(item), "[]")
+        return ("list", element)
+    if isinstance(value, dict):
+        return ("object", {key: _shape(item) for key, item in value.items()})
+    return type(value).__name__
+
+
+class _Conflict(Exception):
+    """Two records disagree about the type at ``path`` (``.messages[].content``)."""
+
+    def __init__(self, path: str, first: Any, second: Any) -> None:
+        super().__init__(path)
+        self.path, self.first, self.second = path, first, second
+
+
+def _kind(shape: Any) -> str:
+    if isinstance(shape, tuple):
+        return "a list" if shape[0] == "list" else "an object"
+    return {"string": "a string", "number": "a number"}.get(shape, str(shape))
+
+
+def _merge(a: Any, b: Any, path: str) -> Any:
+    """One shape that holds both, as Arrow would infer it; ``_Conflict`` where none does."""
+    if a is None or a == b:
+        return b if a is None else a
+    if b is None:
+        return a
+    if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0]:
+        if a[0] == "list":
+            return ("list", _merge(a[1], b[1], path + "[]"))
+        keys = {**a[1], **b[1]}
+        return ("object", {k: _merge(a[1].get(k), b[1].get(k), f"{path}.{k}") for k in keys})
+    raise _Conflict(path, a, b)
+
+
+def _type_problems(path: Path, records: list[dict]) -> dict[int, str]:
+    """Records whose field types differ from the rest (Arrow needs one type per column).
+
+    The type most records use is the expected one, so one bad record is named, not the good ones.
+    """
+    problems: dict[int, str] = {}
+    columns = {key for record in records for key in record} - {LOCATION_COLUMN}
+    for column in sorted(columns):
+        shapes = [_shape(record.get(column)) for record in records]
+        top_kinds = Counter(_kind(s) for s in shapes if s is not None)
+        if not top_kinds:
+            continue
+        usual, count = top_kinds.most_common(1)[0]
+        merged = None
+        for index, shape in enumerate(shapes):
+            if shape is None or index in problems:
                 continue
-            kind = type(value)
-            if key in seen and seen[key][0] is not kind:
-                first_kind, first_index = seen[key]
-                raise DataFormatError(
-                    f"{path}: record {index}, field '{key}' is a {kind.__name__} but record {first_index} "
-                    f"has a {first_kind.__name__}; every record must use the same type for '{key}'."
-                )
-            seen.setdefault(key, (kind, index))
+            where = record_location(records[index], index)
+            if _kind(shape) != usual:
+                problems[index] = (f"{path}: {where}: field '{column}' is {describe_value(records[index][column])}; "
+                                   f"expected {usual}, as in {count} other records")
+                continue
+            try:
+                merged = _merge(merged, shape, column)
+            except _Conflict as conflict:
+                problems[index] = (f"{path}: {where}: field '{conflict.path}' is {_kind(conflict.second)}; expected "
+                                   f"{_kind(conflict.first)}, as in the records before it")
+    return problems
 
 
-def load_file(path: str | Path) -> datasets.Dataset:
+def _consistent_records(path: Path, records: list[dict], skip_invalid: bool) -> list[dict]:
+    problems = _type_problems(path, records)
+    if problems and not skip_invalid:
+        first = min(problems)
+        raise DataFormatError(f"{problems[first]}. Fix: give that field the same type in every record, {SKIP_HINT}.")
+    report_skipped(str(path), [problems[i] for i in sorted(problems)], len(records))
+    return [record for index, record in enumerate(records) if index not in problems]
+
+
+def load_file(path: str | Path, *, skip_invalid: bool = False, flag: str = "--train_file") -> datasets.Dataset:
     """Load one local data file as a ``datasets.Dataset`` (json, jsonl, csv, parquet or txt).
 
     A ``.txt`` file gives one record per non-empty line in a ``text`` column.
 
+    Args:
+        path: The file.
+        skip_invalid: Skip unreadable lines and records whose field types differ from the
+            other records (reported), instead of raising.
+        flag: The flag that named the file, for messages.
+
     Raises:
-        DataFormatError: if the file is missing, unreadable, empty or malformed.
+        DataFormatError: if the file is missing, a directory, unreadable, empty or malformed.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataFormatError(f"{flag} {path}: is a directory; expected a data file. Fix: name a file, or pass a "
+                              "dataset directory as --dataset_name DIR.")
     if not path.is_file():
-        raise DataFormatError(f"{path}: no such file.")
+        raise DataFormatError(f"{flag} {path}: no such file. Fix: check the path (relative paths start at "
+                              f"{Path.cwd()}).")
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
-        records = read_json_records(path)
-        _check_columns_consistent(path, records)
+        records = _consistent_records(path, read_json_records(path, skip_invalid=skip_invalid), skip_invalid)
+        if not records:
+            raise DataFormatError(f"{path}: no usable records left after skipping.")
         return datasets.Dataset.from_list(records)
     if suffix == ".txt":
-        lines = [line for line in _decode(path).splitlines() if line.strip()]
+        lines = [line for line in _decode(path, path.read_bytes()).splitlines() if line.strip()]
         if not lines:
             raise DataFormatError(f"{path}: the file is empty; expected one text per line.")
         return datasets.Dataset.from_dict({"text": lines})
     if suffix in (".csv", ".parquet"):
-        if path.stat().st_size == 0:
-            raise DataFormatError(f"{path}: the file is empty.")
-        builder = "csv" if suffix == ".csv" else "parquet"
-        try:
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as err:  # pyarrow and pandas raise many types; all mean "unreadable"
-            raise DataFormatError(f"{path}: cannot be read as {builder}: {err}") from err
-        if len(dataset) == 0:
-            raise DataFormatError(f"{path}: holds no records.")
-        return dataset
-    raise DataFormatError(f"{path}: unsupported file type '{suffix}'; use json, jsonl, csv, parquet or txt.")
+        return _load_table(path, "csv" if suffix == ".csv" else "parquet")
+    raise DataFormatError(f"{flag} {path}: unsupported file type '{suffix}'; allowed: json, jsonl, csv, parquet, txt.")
+
+
+def _load_table(path: Path, builder: str) -> datasets.Dataset:
+    if path.stat().st_size == 0:
+        raise DataFormatError(f"{path}: the file is empty (0 bytes); expected a {builder} table with a header.")
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # pyarrow and pandas raise many types; all mean "unreadable"
+        cause = err.__cause__ or err
+        raise DataFormatError(f"{path}: cannot be read as {builder}: {type(cause).__name__}: {cause}. "
+                              f"Fix: check that the file is a valid {builder} file.") from err
+    if len(dataset) == 0:
+        raise DataFormatError(f"{path}: holds no records (a header only); expected at least one row.")
+    return dataset
 
 
 def _pick(available: list[str], requested: str | None, candidates: tuple[str, ...], what: str) -> str | None:
@@ -192,11 +435,13 @@ def load_splits(
     cache_dir: str | None = None,
     token: str | None = None,
     streaming: bool = False,
+    skip_invalid: bool = False,
 ) -> dict[str, datasets.Dataset]:
     """Load the train and validation records from wherever the user pointed.
 
     With ``validation_split_percentage`` > 0 and no other validation source, that share of
-    the training records (shuffled with ``seed``) is held out.
+    the training records (shuffled with ``seed``) is held out. ``skip_invalid`` skips
+    unreadable lines of local files (see ``load_file``).
 
     Returns:
         ``{"train": Dataset, "validation": Dataset}``, either key may be absent.
@@ -213,9 +458,9 @@ def load_splits(
             streaming=streaming,
         )
     if train_file:
-        splits["train"] = load_file(train_file)
+        splits["train"] = load_file(train_file, skip_invalid=skip_invalid, flag="--train_file")
     if validation_file:
-        splits["validation"] = load_file(validation_file)
+        splits["validation"] = load_file(validation_file, skip_invalid=skip_invalid, flag="--validation_file")
     if "validation" not in splits and validation_split_percentage > 0 and "train" in splits:
         held = splits["train"].train_test_split(test_size=validation_split_percentage / 100, seed=seed)
         splits["train"], splits["validation"] = held["train"], held["test"]

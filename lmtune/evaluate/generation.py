@@ -82,7 +82,7 @@ def build_generation_config(
         num_return_sequences: Sequences returned per prompt.
 
     Returns:
-        A validated ``GenerationConfig`` independent of the model's own.
+        A ``GenerationConfig`` independent of the model's own.
     """
     config = copy.deepcopy(model.generation_config)
     for name in _SAMPLING_FIELDS:
@@ -96,7 +96,6 @@ def build_generation_config(
     config.max_new_tokens = max_new_tokens
     config.max_length = None
     config.pad_token_id = pad_token_id
-    config.validate(strict=True)
     return config
 
 
@@ -162,7 +161,8 @@ def generate_batched(
         then those of prompt 1, and so on, decoded without special tokens.
 
     Raises:
-        ConfigError: If a count is < 1, or the tokenizer has no pad or eos token.
+        ConfigError: If a count is < 1, ``num_return_sequences`` exceeds ``num_beams``
+            without sampling, or the tokenizer has no pad or eos token.
     """
     for name, value in (
         ("max_new_tokens", max_new_tokens),
@@ -172,6 +172,11 @@ def generate_batched(
     ):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1 (got {value})")
+    if not do_sample and num_return_sequences > num_beams:
+        raise ConfigError(
+            f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}) without "
+            "sampling: greedy and beam search return at most one sequence per beam. Raise num_beams or set do_sample."
+        )
     if not prompts:
         return []
     is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))

@@ -170,7 +170,9 @@ def _max_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> i
     return _DEFAULT_MAX_LENGTH
 
 
-def _score_batch(model: PreTrainedModel, pairs: list[tuple[list[int], list[int]]], pad_id: int, max_length: int) -> list[float]:
+def _score_batch(
+    model: PreTrainedModel, pairs: list[tuple[list[int], list[int]]], pad_id: int, max_length: int
+) -> list[float]:
     """Summed continuation log-probabilities for one right-padded batch."""
     inputs = [(ctx + cont)[-(max_length + 1) :][:-1] for ctx, cont in pairs]
     width = max(len(ids) for ids in inputs)
@@ -281,7 +283,9 @@ def score_multiple_choice(
         raise DataFormatError("multiple-choice scoring needs at least one item (got none)")
     for index, (_, choices, gold) in enumerate(items):
         if not choices or any(not choice for choice in choices):
-            raise DataFormatError(f"item {index}: choices must be a non-empty list of non-empty strings (got {choices!r:.80})")
+            raise DataFormatError(
+                f"item {index}: choices must be a non-empty list of non-empty strings (got {choices!r:.80})"
+            )
         if not 0 <= gold < len(choices):
             raise DataFormatError(f"item {index}: gold index {gold} is out of range for {len(choices)} choices")
     requests = [(ctx, target_delimiter + choice) for ctx, choices, _ in items for choice in choices]

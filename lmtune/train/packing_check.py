@@ -1,9 +1,14 @@
-"""Prove, on the real model, that packed samples cannot see each other.
+"""Prove, on the real model, that packed samples cannot see each other, and pick how.
 
 Packing relies on the model turning restarting ``position_ids`` into a block-diagonal
-mask. Model code that ignores them (or uses ALiBi without positions) would silently let
-samples attend across boundaries, which is the reference's packing bug; a two-sample
-probe on the loaded model costs one tiny forward pass and rules that out.
+mask. Model code that ignores them (ALiBi models such as MPT, which take no positions)
+would silently let samples attend across boundaries, which is the reference's packing
+bug. A two-sample probe on the loaded model costs one tiny forward pass per way and
+decides, with no list of families:
+
+- ``"position_ids"``: restarting positions isolate the samples (RoPE families);
+- ``"block_mask"``: they do not, but an explicit 4D block-diagonal mask does;
+- neither: ``UnsupportedError`` before training.
 """
 
 from __future__ import annotations
@@ -11,39 +16,55 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from lmtune.data.collate import block_diagonal_mask
 from lmtune.errors import UnsupportedError
+
+PACK_BY_POSITIONS = "position_ids"
+PACK_BY_MASK = "block_mask"
+
+
+def _isolated(packed: torch.Tensor, alone: torch.Tensor, first: int, dtype: torch.dtype) -> bool:
+    # Half-precision weights round differently along the two paths; leakage is far larger than that.
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    scale = alone.abs().max().clamp(min=1.0).item()
+    return torch.allclose(packed[:, first:], alone, atol=tolerance * scale, rtol=0)
 
 
 @torch.no_grad()
-def check_packing_isolation(model: PreTrainedModel, first: int = 5, second: int = 7) -> None:
-    """Compare the logits of two samples run alone and packed into one row.
+def check_packing_isolation(model: PreTrainedModel, first: int = 5, second: int = 7) -> str:
+    """Compare the logits of a sample run alone and packed behind another one.
+
+    Returns:
+        How packed rows must reach this model: ``PACK_BY_POSITIONS`` or ``PACK_BY_MASK``.
 
     Raises:
-        UnsupportedError: when the packed logits of the second sample differ from its own.
+        UnsupportedError: when neither restarting positions nor a block mask isolate the samples.
     """
     was_training = model.training
     model.eval()
-    vocab = model.get_input_embeddings().weight.shape[0]
+    embeddings = model.get_input_embeddings().weight
     generator = torch.Generator().manual_seed(0)
-    device = model.get_input_embeddings().weight.device
-    a = torch.randint(0, vocab, (1, first), generator=generator).to(device)
-    b = torch.randint(0, vocab, (1, second), generator=generator).to(device)
-    alone = model(input_ids=b, use_cache=False).logits.float()
-    positions = torch.cat([torch.arange(first), torch.arange(second)]).unsqueeze(0).to(device)
+    a = torch.randint(0, embeddings.shape[0], (1, first), generator=generator).to(embeddings.device)
+    b = torch.randint(0, embeddings.shape[0], (1, second), generator=generator).to(embeddings.device)
+    positions = torch.cat([torch.arange(first), torch.arange(second)]).unsqueeze(0).to(embeddings.device)
+    row = torch.cat([a, b], dim=1)
     try:
-        packed = model(input_ids=torch.cat([a, b], dim=1), position_ids=positions, use_cache=False).logits.float()
-    except TypeError as err:
+        alone = model(input_ids=b, use_cache=False).logits.float()
+        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits.float()
+        if _isolated(packed, alone, first, model.dtype):
+            return PACK_BY_POSITIONS
+        mask = block_diagonal_mask(positions, model.dtype)
+        packed = model(input_ids=row, position_ids=positions, attention_mask=mask, use_cache=False).logits.float()
+        if _isolated(packed, alone, first, model.dtype):
+            return PACK_BY_MASK
+    except (TypeError, ValueError, RuntimeError) as err:
         raise UnsupportedError(
-            f"model type '{model.config.model_type}' takes no position_ids, so packed samples cannot be kept "
-            "apart; drop --dataset_concatenation."
+            f"model type '{model.config.model_type}' cannot take packed rows ({type(err).__name__}: {err}); "
+            "drop --dataset_concatenation for this model."
         ) from err
     finally:
         model.train(was_training)
-    # Half-precision weights round differently along the two paths; leakage is far larger than that.
-    tolerance = 1e-4 if model.dtype == torch.float32 else 2e-2
-    scale = alone.abs().max().clamp(min=1.0).item()
-    if not torch.allclose(packed[:, first:], alone, atol=tolerance * scale, rtol=0):
-        raise UnsupportedError(
-            f"model type '{model.config.model_type}' lets packed samples attend to each other (its attention "
-            "ignores restarting position_ids); drop --dataset_concatenation for this model."
-        )
+    raise UnsupportedError(
+        f"model type '{model.config.model_type}' lets packed samples attend to each other: its attention ignores "
+        "restarting position_ids and a block-diagonal mask; drop --dataset_concatenation for this model."
+    )

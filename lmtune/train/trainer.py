@@ -1,7 +1,8 @@
 """Build the stock transformers Trainer for a run.
 
 One small subclass adds what the stock Trainer lacks: ``eval_ppl`` next to every
-``eval_loss`` it logs (the reference monkeypatched ``Trainer.evaluate`` globally for that).
+``eval_loss`` it logs (the reference monkeypatched ``Trainer.evaluate`` globally for that),
+and checkpoints written atomically (``train/checkpointing.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+
+from lmtune.train.checkpointing import AtomicCheckpointMixin
 
 
 def perplexity(loss: float) -> float:
@@ -39,12 +42,12 @@ class PerplexityMixin:
         super().log(logs, *args, **kwargs)
 
 
-class LmtuneTrainer(PerplexityMixin, Trainer):
-    """The stock Trainer plus perplexity."""
+class LmtuneTrainer(AtomicCheckpointMixin, PerplexityMixin, Trainer):
+    """The stock Trainer plus perplexity and atomic checkpoints."""
 
 
-class LmtuneSeq2SeqTrainer(PerplexityMixin, Seq2SeqTrainer):
-    """The stock Seq2SeqTrainer plus perplexity."""
+class LmtuneSeq2SeqTrainer(AtomicCheckpointMixin, PerplexityMixin, Seq2SeqTrainer):
+    """The stock Seq2SeqTrainer plus perplexity and atomic checkpoints."""
 
 
 def build_trainer(

@@ -1,0 +1,89 @@
+"""Flags of ``lmtune chat``, parsed by ``HfArgumentParser`` like the fine-tuning flags.
+
+Example::
+
+    lmtune chat --model_name_or_path ./base --adapter ./out --prompt "What is LoRA?"
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import HfArgumentParser
+
+from lmtune.errors import ConfigError
+
+
+@dataclass
+class ChatArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base model directory or hub id (required)."}
+    )
+    adapter: str | None = field(
+        default=None, metadata={"help": "Adapter directory written by lmtune finetune (PEFT format), loaded on top."}
+    )
+    prompt: str | None = field(
+        default=None, metadata={"help": "Answer this one message, print the answer and exit (for scripts)."}
+    )
+    system: str | None = field(
+        default=None, metadata={"help": "System prompt (default: the chat format's own, none for Jinja templates)."}
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Chat format: neural-chat, tokenizer, or a Jinja file (default: the one training used)."},
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens generated per answer."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling mass (with --do_sample)."})
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Prompt budget; older turns are dropped beyond it (default: the model's context "
+                  "minus --max_new_tokens)."},
+    )
+    device: Literal["auto", "cpu", "cuda", "xpu", "hpu"] = field(
+        default="auto", metadata={"help": "Device: auto picks cuda, then xpu, then cpu."}
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "Weights dtype."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the model's repository to run."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"--max_new_tokens must be > 0 (got {self.max_new_tokens})")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be > 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top_p must be in (0, 1] (got {self.top_p})")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens <= 0:
+            raise ConfigError(f"--max_prompt_tokens must be > 0 (got {self.max_prompt_tokens})")
+
+
+def build_chat_parser() -> HfArgumentParser:
+    return HfArgumentParser(ChatArguments, prog="lmtune chat", allow_abbrev=False)
+
+
+def parse_chat_args(argv: list[str]) -> ChatArguments:
+    """Parse ``lmtune chat`` flags.
+
+    Raises:
+        ConfigError: for unknown flags (with a did-you-mean), bad values or a missing model.
+    """
+    parser = build_chat_parser()
+    try:
+        (args, remaining) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except SystemExit as exc:  # argparse exits on bad values; a library must raise instead
+        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
+    if remaining:
+        known = [s for action in parser._actions for s in action.option_strings]
+        problems = []
+        for flag in remaining:
+            close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
+            problems.append(f"unexpected argument {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+        raise ConfigError("; ".join(problems) + ". Run lmtune chat --help for every flag.")
+    if not args.model_name_or_path:
+        raise ConfigError("--model_name_or_path is required: the base model the adapter was trained on.")
+    return args

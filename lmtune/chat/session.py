@@ -1,0 +1,202 @@
+"""``lmtune chat``: talk to a base model plus an lmtune adapter, in the format it was trained on.
+
+Contract: ``ChatSession`` keeps the conversation and asks ``lmtune.data.chat.render_prompt``
+(the renderer training used) for every prompt, so what the model sees at inference is token
+for token what it saw in training, ending with the assistant header. Generation stops at EOS
+(and at the chat template's end-of-turn token). ``run_chat`` loads everything and runs either
+one answer (``--prompt``) or an interactive loop with ``/reset`` and ``/exit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+
+from lmtune.chat.args import ChatArguments
+from lmtune.data.chat import render_prompt
+from lmtune.data.chat_format import END, ChatFormat, Message, PieceEncoder, chat_pieces, resolve_chat_format
+from lmtune.errors import ConfigError, LmtuneError
+from lmtune.evaluate.generation import build_generation_config
+from lmtune.model.load import fit_embeddings_to_tokenizer, is_seq2seq, load_config, load_model, load_tokenizer
+from lmtune.train.distributed import check_device
+from lmtune.train.output_dir import ARGS_FILE, read_run_args
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HELP = "Type a message and press Enter; /reset starts a new conversation, /exit quits."
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat) -> list[int]:
+    """EOS, the model's own end ids, and the special token a chat template closes each answer with."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    model_eos = model.generation_config.eos_token_id
+    ids += model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else []
+    if chat_format.template is not None:
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        ends = [piece for piece, kind in chat_pieces(PieceEncoder(tokenizer), probe, chat_format) if kind == END]
+        if ends and ends[0] and ends[0][0] in tokenizer.all_special_ids:
+            ids.append(ends[0][0])
+    return list(dict.fromkeys(ids))
+
+
+class ChatSession:
+    """A conversation with a model: history, prompt rendering and generation.
+
+    Args:
+        model: A causal (or seq2seq) LM, possibly a ``PeftModel``.
+        tokenizer: Its tokenizer.
+        chat_format: The format the model was trained with.
+        generation: Decoding settings; ``eos_token_id`` lists the stop tokens.
+        system: System prompt; None keeps the format's default.
+        max_prompt_tokens: Older user/assistant pairs are dropped beyond this many prompt tokens.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat,
+                 generation: GenerationConfig, *, system: str | None = None, max_prompt_tokens: int | None = None):
+        self.model, self.tokenizer, self.chat_format = model, tokenizer, chat_format
+        self.generation = generation
+        self.system = system
+        self.max_prompt_tokens = max_prompt_tokens
+        self.history: list[Message] = []
+        self._encoder = PieceEncoder(tokenizer)
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.history = []
+
+    def messages_with(self, user_text: str) -> list[Message]:
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return system + self.history + [{"role": "user", "content": user_text}]
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """The token ids the model is given to answer ``user_text`` after the history so far."""
+        self._encoder.clear()
+        return render_prompt(
+            self.tokenizer, self.messages_with(user_text), self.chat_format,
+            max_prompt_tokens=self.max_prompt_tokens, encoder=self._encoder,
+        )
+
+    def reply(self, user_text: str, streamer: TextStreamer | None = None) -> str:
+        """Answer ``user_text``, add both turns to the history, and return the answer text."""
+        ids = self.prompt_ids(user_text)
+        inputs = torch.tensor([ids], device=self.model.device)
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=inputs, attention_mask=torch.ones_like(inputs), generation_config=self.generation,
+                streamer=streamer,
+            )
+        # A decoder-only model returns the prompt first; a seq2seq one its decoder start token.
+        new = output[0, 1:] if is_seq2seq(self.model.config) else output[0, inputs.shape[1]:]
+        tokens = new.tolist()
+        stops = set(self.generation.eos_token_id)
+        end = next((i for i, token in enumerate(tokens) if token in stops), len(tokens))
+        answer = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
+        return answer
+
+
+def read_training_settings(directory: str | None) -> dict[str, Any]:
+    """The chat template and task an lmtune run used, from its ``lmtune_args.json`` ({} if none)."""
+    if not directory or not (Path(directory) / ARGS_FILE).is_file():
+        return {}
+    args = read_run_args(directory).get("args", {})
+    finetune = args.get("finetune", {})
+    return {"chat_template": finetune.get("chat_template"), "task": finetune.get("task")}
+
+
+def load_chat_model(args: ChatArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base model, the adapter on top, and the tokenizer (the adapter's copy when it has one).
+
+    Raises:
+        ConfigError: if the model or the adapter cannot be loaded.
+    """
+    adapter = Path(args.adapter) if args.adapter else None
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        hint = " It holds a whole model: pass it as --model_name_or_path." if (adapter / "config.json").is_file() else ""
+        raise ConfigError(f"--adapter {adapter}: no adapter_config.json there; expected an lmtune/PEFT adapter.{hint}")
+    # Training saves the tokenizer beside the adapter, added special tokens included.
+    tokenizer_source = str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file() else None
+    tokenizer = load_tokenizer(args.model_name_or_path, tokenizer_name=tokenizer_source,
+                               trust_remote_code=args.trust_remote_code)
+    config = load_config(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model_name_or_path, config, dtype=DTYPES[args.dtype],
+                       trust_remote_code=args.trust_remote_code)
+    fit_embeddings_to_tokenizer(model, tokenizer)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.to(check_device(args.device))
+    model.eval()
+    return model, tokenizer
+
+
+def build_session(args: ChatArguments, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> ChatSession:
+    """A session with the chat format, stop tokens and prompt budget the arguments and the run imply."""
+    trained = read_training_settings(args.adapter or args.model_name_or_path)
+    template = args.chat_template or trained.get("chat_template")
+    if args.chat_template and trained and args.chat_template != (trained.get("chat_template") or "neural-chat"):
+        logger.warning("--chat_template %s differs from the format the adapter was trained with (%s).",
+                       args.chat_template, trained.get("chat_template") or "neural-chat")
+    if trained.get("task") not in (None, "chat"):
+        logger.info("the adapter was trained with --task %s; chatting in the chat format anyway.", trained["task"])
+    chat_format = resolve_chat_format(template, tokenizer)
+    budget = args.max_prompt_tokens
+    if budget is None:
+        context = getattr(model.config, "max_position_embeddings", None)
+        budget = context - args.max_new_tokens if context and context > args.max_new_tokens else None
+    generation = build_generation_config(
+        model, tokenizer.pad_token_id, max_new_tokens=args.max_new_tokens, num_beams=1, do_sample=args.do_sample,
+        temperature=args.temperature, top_p=args.top_p, num_return_sequences=1,
+    )
+    generation.eos_token_id = stop_token_ids(model, tokenizer, chat_format)
+    return ChatSession(model, tokenizer, chat_format, generation, system=args.system, max_prompt_tokens=budget)
+
+
+def chat_loop(session: ChatSession, read: Callable[[str], str] = input, out: TextIO | None = None) -> None:
+    """Read messages until ``/exit`` or end of input, streaming each answer as it is generated."""
+    out = out or sys.stdout
+    print(HELP, file=out)
+    while True:
+        try:
+            line = read(">>> ")
+        except EOFError:
+            print(file=out)
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return
+        if text == "/reset":
+            session.reset()
+            print("(new conversation)", file=out)
+            continue
+        if text.startswith("/") and " " not in text:
+            print(f"unknown command {text}. {HELP}", file=out)
+            continue
+        try:
+            session.reply(text, streamer=TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True))
+        except LmtuneError as err:  # e.g. a message too long for the prompt budget: say so and go on
+            print(f"lmtune: error: {err}", file=out)
+
+
+def run_chat(args: ChatArguments) -> int:
+    """``lmtune chat``: answer ``--prompt`` once, or chat interactively. Returns the exit code."""
+    model, tokenizer = load_chat_model(args)
+    session = build_session(args, model, tokenizer)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if args.prompt is not None:
+        session.reply(args.prompt, streamer=streamer)
+        return 0
+    adapter = f" + {args.adapter}" if args.adapter else ""
+    print(f"lmtune chat: {args.model_name_or_path}{adapter}, format {session.chat_format.name}.")
+    chat_loop(session)
+    return 0

@@ -1,0 +1,215 @@
+"""The model card of a finished run: ``output_dir/README.md``, written from the run's own files.
+
+Contract: ``write_model_card(output_dir)`` reads only what the run left in ``output_dir``
+(``lmtune_args.json`` for the resolved arguments and library versions,
+``trainer_state.json`` for steps, ``all_results.json`` for final metrics,
+``adapter_config.json`` for the adapter as PEFT resolved it) and writes the card last, so it
+replaces the template card PEFT writes with every ``save_pretrained``. The YAML header
+carries the Hub's model-card fields (``base_model``, ``library_name``, ``tags``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmtune.errors import ConfigError
+from lmtune.export.plots import LOSS_CURVE_FILE, plot_loss_curve
+from lmtune.train.output_dir import ARGS_FILE
+
+CARD_FILE = "README.md"
+# Adapter settings worth a row in the card, as named in adapter_config.json.
+ADAPTER_KEYS = (
+    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "bias",
+    "num_virtual_tokens", "encoder_hidden_size", "encoder_reparameterization_type", "adapter_len",
+    "adapter_layers", "feedforward_modules",
+)
+TRAINING_KEYS = (
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "max_grad_norm", "optim",
+    "bf16", "fp16", "activation_checkpointing", "seed",
+)
+LIBRARIES = ("python", "lmtune", "transformers", "peft", "torch", "datasets", "accelerate", "tokenizers")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (list, tuple, set)):
+        value = ", ".join(str(v) for v in sorted(value, key=str))
+    elif isinstance(value, float):
+        value = f"{value:.6g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: list[tuple[str, Any]], header: tuple[str, str] = ("setting", "value")) -> list[str]:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    return lines + [f"| {name} | {_cell(value)} |" for name, value in rows]
+
+
+def _data_lines(data: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    if data.get("dataset_name"):
+        config = f" ({data['dataset_config_name']})" if data.get("dataset_config_name") else ""
+        train = f"`{data['dataset_name']}`{config}, split {data.get('train_split') or 'train'}"
+    else:
+        train = f"`{data.get('train_file')}`"
+    samples = f", {results['train_samples']} samples" if "train_samples" in results else ""
+    lines = [f"- training: {train}{samples}"]
+    if data.get("validation_file"):
+        lines.append(f"- validation: `{data['validation_file']}`")
+    elif data.get("validation_split_percentage"):
+        lines.append(f"- validation: {data['validation_split_percentage']}% held out of the training data")
+    elif data.get("validation_split"):
+        lines.append(f"- validation: split {data['validation_split']}")
+    if "eval_samples" in results:
+        lines[-1] += f", {results['eval_samples']} samples"
+    packing = "packed into full rows (--dataset_concatenation)" if data.get("dataset_concatenation") else "not packed"
+    lines.append(f"- samples of at most {data.get('max_seq_length')} tokens, {packing}")
+    return lines
+
+
+PEFT_NAMES = {"lora": "LoRA", "ptun": "P-tuning", "prefix": "prefix-tuning", "prompt": "prompt-tuning",
+              "llama_adapter": "LLaMA-Adapter", "ia3": "IA3"}
+
+
+def _method_name(finetune: dict[str, Any]) -> str:
+    name = PEFT_NAMES.get(finetune.get("peft"), str(finetune.get("peft")))
+    return "DoRA" if name == "LoRA" and finetune.get("use_dora") else name
+
+
+def _method_rows(finetune: dict[str, Any], adapter: dict[str, Any]) -> list[tuple[str, Any]]:
+    if finetune.get("full_finetune"):
+        return [("method", "full fine-tuning (every weight trained)")]
+    rows: list[tuple[str, Any]] = [("method", f"{_method_name(finetune)} (--peft {finetune.get('peft')})")]
+    rows += [(key, adapter[key]) for key in ADAPTER_KEYS if adapter.get(key) not in (None, [], "")]
+    rows.append(("train_on_inputs", finetune.get("train_on_inputs")))
+    return rows
+
+
+def _usage_lines(base: str, output_dir: str, full: bool) -> list[str]:
+    if full:
+        load = [f'model = AutoModelForCausalLM.from_pretrained("{output_dir}")']
+        chat = f"lmtune chat --model_name_or_path {output_dir}"
+        imports = ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    else:
+        load = [f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+                f'model = PeftModel.from_pretrained(base, "{output_dir}")']
+        chat = f"lmtune chat --model_name_or_path {base} --adapter {output_dir}"
+        imports = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    return [
+        "Load it in Python:", "", "```python", *imports, "", *load,
+        f'tokenizer = AutoTokenizer.from_pretrained("{output_dir}")', "```", "",
+        "Chat with it in the format it was trained with:", "", "```bash", chat, "```",
+    ]
+
+
+def _results_lines(state: dict[str, Any], results: dict[str, Any], training: dict[str, Any], plot: bool
+                   ) -> list[str]:
+    max_steps = state.get("max_steps") or training.get("max_steps")
+    of = f" of {max_steps}" if max_steps and max_steps > 0 else ""
+    lines = [f"Trained {state.get('global_step', '?')}{of} optimizer steps "
+             f"({float(state.get('epoch') or 0):.2f} epochs).", ""]
+    shown = ("train_loss", "eval_loss", "eval_ppl", "train_runtime", "train_samples_per_second")
+    rows = [(key, results[key]) for key in shown if key in results]
+    rows += [(key, value) for key, value in results.items()
+             if key not in shown and key.startswith("eval_") and isinstance(value, (int, float))
+             and not key.endswith(("_runtime", "_per_second", "_samples"))]
+    lines += _table(rows, ("metric", "value")) if rows else ["No final metrics were recorded."]
+    if plot:
+        lines += ["", f"![train and eval loss against optimizer steps]({LOSS_CURVE_FILE})"]
+    return lines
+
+
+def render_model_card(
+    run: dict[str, Any],
+    state: dict[str, Any],
+    results: dict[str, Any],
+    adapter: dict[str, Any],
+    *,
+    output_dir: str,
+    plot: bool = False,
+    world_size: int | None = None,
+) -> str:
+    """The card's Markdown from the run's saved files (already parsed)."""
+    args, versions = run.get("args", {}), run.get("versions", {})
+    model, data, finetune, training = (args.get(k, {}) for k in ("model", "data", "finetune", "training"))
+    base, full = model.get("model_name_or_path") or "?", bool(finetune.get("full_finetune"))
+    method = "full fine-tune" if full else f"{_method_name(finetune)} adapter"
+    tags = ["lmtune", "text-generation"] + ([] if full else [str(finetune.get("peft"))])
+    header = ["---", f"base_model: {base}", f"library_name: {'transformers' if full else 'peft'}",
+              "pipeline_tag: text-generation", "tags:", *[f"- {t}" for t in tags], "---", ""]
+    hyper = [(key, training[key]) for key in TRAINING_KEYS if key in training]
+    if world_size:
+        batch = training.get("per_device_train_batch_size", 1) * world_size * training.get(
+            "gradient_accumulation_steps", 1)
+        hyper += [("processes", world_size), ("global batch size", batch)]
+    body = [
+        f"# {Path(output_dir).name}", "",
+        f"A {method} for `{base}`, fine-tuned with lmtune {versions.get('lmtune', '')} "
+        f"for the `{finetune.get('task', 'completion')}` task.", "",
+        "## Data", "", *_data_lines(data, results), "",
+        "## Method", "", *_table(_method_rows(finetune, adapter)), "",
+        "## Training hyperparameters", "", *_table(hyper), "",
+        "## Results", "", *_results_lines(state, results, training, plot), "",
+        "## How to use", "", *_usage_lines(base, output_dir, full), "",
+        "## Library versions", "", *_table([(lib, versions.get(lib)) for lib in LIBRARIES if versions.get(lib)],
+                                          ("library", "version")), "",
+        f"All resolved arguments are in `{ARGS_FILE}`.",
+    ]
+    return "\n".join(header + body) + "\n"
+
+
+def write_model_card(output_dir: str | Path, *, world_size: int | None = None) -> Path:
+    """Write ``output_dir/README.md`` for the finished run in ``output_dir``.
+
+    Call it after the last save: PEFT's ``save_pretrained`` writes its own template card.
+
+    Args:
+        output_dir: The run's ``--output_dir``.
+        world_size: Training processes, for the global batch size (not in the saved arguments).
+
+    Returns:
+        The card's path.
+
+    Raises:
+        ConfigError: if ``output_dir`` holds no lmtune run (no ``lmtune_args.json``).
+    """
+    path = Path(output_dir)
+    run = _read_json(path / ARGS_FILE)
+    if not run:
+        raise ConfigError(f"{output_dir} holds no {ARGS_FILE}: it is not the output of an lmtune run.")
+    card = render_model_card(
+        run, _read_json(path / "trainer_state.json"), _read_json(path / "all_results.json"),
+        _read_json(path / "adapter_config.json"), output_dir=str(output_dir),
+        plot=(path / LOSS_CURVE_FILE).is_file(), world_size=world_size,
+    )
+    tmp = path / (CARD_FILE + ".tmp")
+    tmp.write_text(card, encoding="utf-8")
+    tmp.replace(path / CARD_FILE)
+    return path / CARD_FILE
+
+
+def write_run_summary(
+    output_dir: str | Path, log_history: list[dict[str, Any]], *, world_size: int | None = None
+) -> Path:
+    """End of a run: the loss-curve PNG, then the model card that shows it.
+
+    Args:
+        output_dir: The run's ``--output_dir``, after the last save.
+        log_history: ``trainer.state.log_history``, which (unlike the saved
+            ``trainer_state.json``) includes the evaluation after training.
+        world_size: Training processes.
+
+    Returns:
+        The card's path.
+    """
+    run = _read_json(Path(output_dir) / ARGS_FILE)
+    base = run.get("args", {}).get("model", {}).get("model_name_or_path") or "?"
+    plot_loss_curve(log_history, output_dir, title=f"{Path(output_dir).name} ({base})")
+    return write_model_card(output_dir, world_size=world_size)
+
+
+__all__ = ["CARD_FILE", "render_model_card", "write_model_card", "write_run_summary"]
