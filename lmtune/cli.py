@@ -73,10 +73,44 @@ def _chat(argv: list[str]) -> int:
     return run_chat(parse_chat_args(argv))
 
 
+def _merge(argv: list[str]) -> int:
+    from lmtune.export.merge import build_merge_parser, merge_adapter, parse_merge_args
+
+    if any(a in ("-h", "--help") for a in argv):
+        build_merge_parser().print_help()
+        return 0
+    args = parse_merge_args(argv)
+    out = merge_adapter(args.adapter, args.output_dir, base=args.model_name_or_path, dtype=args.dtype,
+                        overwrite=args.overwrite_output_dir, trust_remote_code=args.trust_remote_code)
+    print(f"lmtune merge: wrote the merged model to {out}")
+    return 0
+
+
+def _convert(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lmtune convert", description="Convert a model from another format into "
+                                     "a transformers model directory.")
+    formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    llama2c = formats.add_parser("llama2c", help="llama2.c checkpoint (.bin, version 0 or 1) + its tokenizer.bin")
+    llama2c.add_argument("checkpoint", help="llama2.c model file, e.g. stories260K.bin")
+    llama2c.add_argument("tokenizer", help="llama2.c tokenizer file made for it, e.g. tok512.bin")
+    llama2c.add_argument("output_dir", help="where the transformers model directory is written")
+    llama2c.add_argument("--overwrite_output_dir", action="store_true", help="write into a non-empty directory")
+    args = parser.parse_args(argv)
+    from lmtune.export.convert_llama2c import convert_llama2c
+
+    out = convert_llama2c(args.checkpoint, args.tokenizer, args.output_dir, overwrite=args.overwrite_output_dir)
+    print(f"lmtune convert: wrote a LlamaForCausalLM model and tokenizer to {out}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "finetune": (lambda argv: _finetune(argv, None), "fine-tune a model (causal or seq2seq, from its config)"),
     "quickstart": (_quickstart, "fine-tune lmtune's embedded small model on its sample data"),
     "chat": (_chat, "talk to a model (+ adapter) in the chat format it was trained with"),
+    "merge": (_merge, "fold a LoRA/IA3 adapter into its base model and save a plain transformers model"),
+    "convert": (_convert, "turn a llama2.c checkpoint into a transformers model directory"),
 }
 
 

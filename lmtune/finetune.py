@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from typing import Any
 
+import torch
 import transformers
 from transformers import PreTrainedModel
 
@@ -20,7 +21,7 @@ from lmtune.data.prepare import PreparedData, RenderSettings, prepare_data
 from lmtune.data.report import build_data_report, estimate_steps, format_data_report
 from lmtune.errors import UnsupportedError
 from lmtune.export.model_card import write_run_summary
-from lmtune.model.adapters import AdapterSettings, apply_adapter
+from lmtune.model.adapters import AdapterSettings, apply_adapter, check_method_allowed
 from lmtune.model.load import (
     fit_embeddings_to_tokenizer,
     is_seq2seq,
@@ -32,7 +33,14 @@ from lmtune.model.load import (
 from lmtune.train.distributed import apply_launcher_env, check_device
 from lmtune.train.checkpointing import StopOnSignal
 from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir, write_run_args
-from lmtune.train.packing_check import check_packing_isolation
+from lmtune.model.quantize import (
+    QuantSettings,
+    check_quantization_backend,
+    prepare_quantized_model,
+    quantization_config,
+    quantized_device_map,
+)
+from lmtune.train.packing_check import PACK_BY_MASK, check_packing_isolation
 from lmtune.train.progress import check_report_to, configure_messages, install_progress, is_interactive
 from lmtune.train.trainer import build_trainer
 
@@ -58,13 +66,28 @@ def _with_device(args: ParsedArgs) -> ParsedArgs:
 def _not_yet(args: ParsedArgs) -> None:
     """Flags that parse but whose feature is not built yet fail clearly, before anything loads."""
     pending = {
-        "--qlora": args.finetune.qlora,
         "--do_lm_eval": args.finetune.do_lm_eval,
         "--streaming": args.data.streaming,
     }
     given = [flag for flag, on in pending.items() if on]
     if given:
         raise UnsupportedError(f"{', '.join(given)}: not supported yet in lmtune {__import__('lmtune').__version__}.")
+
+
+def _quant_settings(args: ParsedArgs) -> QuantSettings | None:
+    ft, training = args.finetune, args.training
+    if not ft.qlora:
+        return None
+    compute = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+    return QuantSettings(bits=ft.bits, quant_type=ft.quant_type, double_quant=ft.double_quant, compute_dtype=compute)
+
+
+def _check_model_flags(args: ParsedArgs) -> None:
+    """Method and quantization requests this machine or peft cannot run fail here, before anything loads."""
+    check_method_allowed(args.finetune.peft, packed=args.data.dataset_concatenation)
+    quant = _quant_settings(args)
+    if quant is not None:
+        check_quantization_backend(quant, check_device(args.finetune.device))
 
 
 def _prepare(args: ParsedArgs, tokenizer) -> PreparedData:
@@ -109,26 +132,36 @@ def _report_data(args: ParsedArgs, tokenizer, data: PreparedData) -> dict[str, A
     return report.to_metrics()
 
 
-def _build_model(args: ParsedArgs, config, tokenizer) -> PreTrainedModel:
+def _build_model(args: ParsedArgs, config, tokenizer) -> tuple[PreTrainedModel, torch.dtype | None]:
+    """Load, quantize (QLoRA), probe packing and attach the adapter.
+
+    Returns:
+        The model to train, and the dtype of the explicit block-diagonal mask packed rows
+        need (None when position_ids isolate samples, or nothing is packed).
+    """
     model_args, ft, training = args.model, args.finetune, args.training
+    dtype = resolve_dtype(training.bf16, training.fp16, ft.full_finetune)
+    quant = _quant_settings(args)
     model = load_model(
-        model_args.model_name_or_path, config,
-        dtype=resolve_dtype(training.bf16, training.fp16, ft.full_finetune),
+        model_args.model_name_or_path, config, dtype=dtype,
         revision=model_args.model_revision, token=model_args.token,
         trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
         allow_pickle_weights=model_args.allow_pickle_weights,
+        quantization_config=quantization_config(quant) if quant else None,
+        device_map=quantized_device_map(training.device.type) if quant else None,
     )
     fit_embeddings_to_tokenizer(model, tokenizer)
     # Training needs no KV cache, and with one transformers stops deriving the block-diagonal
     # mask of packed rows from their position_ids: packed samples would attend to each other.
     model.config.use_cache = False
-    if training.activation_checkpointing:
-        if not ft.full_finetune:
-            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
-    if args.data.dataset_concatenation:
-        check_packing_isolation(model)
+    if quant is not None:
+        model = prepare_quantized_model(model, activation_checkpointing=training.activation_checkpointing)
+    elif training.activation_checkpointing and not ft.full_finetune:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
+    packing = check_packing_isolation(model) if args.data.dataset_concatenation else None
+    block_mask_dtype = dtype if packing == PACK_BY_MASK else None
     if ft.full_finetune:
-        return model
+        return model, block_mask_dtype
     settings = AdapterSettings(
         peft=ft.peft, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
         lora_target_modules=tuple(ft.lora_target_modules) if ft.lora_target_modules else None,
@@ -136,7 +169,7 @@ def _build_model(args: ParsedArgs, config, tokenizer) -> PreTrainedModel:
         adapter_layers=ft.adapter_layers, adapter_len=ft.adapter_len,
         num_virtual_tokens=ft.num_virtual_tokens, ptun_hidden_size=ft.ptun_hidden_size,
     )
-    return apply_adapter(model, settings)
+    return apply_adapter(model, settings, packed=args.data.dataset_concatenation), block_mask_dtype
 
 
 def run_finetune(args: ParsedArgs) -> dict[str, Any]:
@@ -150,6 +183,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     """
     validate_args(args)
     _not_yet(args)
+    _check_model_flags(args)
     check_report_to(args.training.report_to)
     apply_launcher_env()
     args = _with_device(args)
@@ -174,7 +208,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         model_args.model_name_or_path, tokenizer_name=model_args.tokenizer_name,
         use_fast=model_args.use_fast_tokenizer, revision=model_args.model_revision, token=model_args.token,
         trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
-        special_tokens=data_args.special_tokens,
+        special_tokens=data_args.special_tokens, model_type=config.model_type,
     )
     data = _prepare(args, tokenizer)
     if ft.dry_run:
@@ -183,9 +217,10 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         if ft.overwrite_output_dir and checkpoint is None:
             clear_earlier_run(training.output_dir)
         write_run_args(training.output_dir, args_to_dict(args))
-    model = _build_model(args, config, tokenizer)
+    model, block_mask_dtype = _build_model(args, config, tokenizer)
     collator = CausalLMCollator(
-        tokenizer.pad_token_id, max_length=data_args.max_seq_length if data_args.pad_to_max_length else None
+        tokenizer.pad_token_id, max_length=data_args.max_seq_length if data_args.pad_to_max_length else None,
+        block_mask_dtype=block_mask_dtype,
     )
     if data_args.pad_to_max_length:
         collator.pad_to_multiple_of = data_args.max_seq_length

@@ -81,3 +81,15 @@ def alpaca_file(tmp_path, demo_records) -> Path:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory) -> Path:
+    """lmtune's own tiny pretrained demo model (built in seconds), for tests where the loss must move."""
+    from lmtune.demo import build_demo_model
+
+    threads = torch.get_num_threads()
+    try:
+        return build_demo_model(tmp_path_factory.mktemp("demo") / "model")
+    finally:
+        torch.set_num_threads(threads)

@@ -23,7 +23,8 @@ from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.sources import load_splits
 from lmtune.errors import ConfigError, DataFormatError
 
-SYSTEM, U1, A1, U2, A2 = "Be brief.", "Hi there, how are you?", "Hello! I am fine.\n\nThanks", "What is 2+2?", " It is 4."
+SYSTEM, U1, A1 = "Be brief.", "Hi there, how are you?", "Hello! I am fine.\n\nThanks"
+U2, A2 = "What is 2+2?", " It is 4."
 CONVERSATION = [
     {"role": "system", "content": SYSTEM}, {"role": "user", "content": U1}, {"role": "assistant", "content": A1},
     {"role": "user", "content": U2}, {"role": "assistant", "content": A2},
@@ -140,11 +141,13 @@ def test_orca_dpo_pairs_as_chat_and_as_completion(tokenizer):
 
 def test_bad_chat_files_name_file_record_and_message(tokenizer, shared_data):
     bad = shared_data / "files/bad"
-    with pytest.raises(DataFormatError, match=r"chat_unknown_role\.jsonl: record 5: message 2: role 'narrator' is "
-                                              r"not allowed; allowed: system, user, assistant\. Fix the record"):
+    with pytest.raises(DataFormatError, match=r"chat_unknown_role\.jsonl: record 5 \(line 6\): message 2: role "
+                                              r"'narrator' is not allowed; allowed: system, user, assistant\. Fix: "
+                                              r"correct the record, or pass --skip_invalid_records"):
         prepare_data(tokenizer, task="chat", train_file=str(bad / "chat_unknown_role.jsonl"))
-    with pytest.raises(DataFormatError, match=r"chat_roles_not_alternating\.jsonl: record 4: message 1: expected "
-                                              r"role 'assistant' but found 'user'.*\(roles: user, user, assistant\)"):
+    with pytest.raises(DataFormatError, match=r"chat_roles_not_alternating\.jsonl: record 4 \(line 5\): message 1: "
+                                              r"expected role 'assistant' but found 'user'.*"
+                                              r"\(roles: user, user, assistant\)"):
         prepare_data(tokenizer, task="chat", train_file=str(bad / "chat_roles_not_alternating.jsonl"))
 
 
@@ -153,7 +156,8 @@ def test_bad_chat_files_name_file_record_and_message(tokenizer, shared_data):
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "system", "content": "c"}],
      r"record 0: message 2: a system message must come first"),
     ([{"role": "assistant", "content": "b"}], r"record 0: message 0: expected role 'user' but found 'assistant'"),
-    ([{"role": "user", "content": "a"}], r"record 0: message 0: the conversation must end with an assistant answer to learn from \(roles: user\)"),
+    ([{"role": "user", "content": "a"}],
+     r"record 0: message 0: the conversation must end with an assistant answer to learn from \(roles: user\)"),
     ([{"role": "system", "content": "s"}], r"record 0: the conversation has a system message but no user/assistant"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}],
      r"record 0: message 1: the assistant message is empty"),
@@ -168,7 +172,8 @@ def test_unknown_schema_and_skip_invalid(tokenizer, tmp_path):
     with pytest.raises(DataFormatError, match=r"match no chat schema.*For instruction records use --task completion"):
         render_chat_records([{"instruction": "a", "output": "b"}], ["instruction", "output"], tokenizer, source="x")
     good = {"messages": CONVERSATION[1:3]}
-    path = write_jsonl(tmp_path / "c.jsonl", [good] * 9 + [{"messages": [{"role": "narrator", "content": "x"}]}] + [good] * 10)
+    bad = {"messages": [{"role": "narrator", "content": "x"}]}
+    path = write_jsonl(tmp_path / "c.jsonl", [good] * 9 + [bad] + [good] * 10)
     prepared = prepare_data(tokenizer, task="chat", train_file=str(path),
                             settings=RenderSettings(skip_invalid_records=True))
     assert len(prepared.train) == 19

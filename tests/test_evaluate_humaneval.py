@@ -157,6 +157,8 @@ def test_pipeline_truncates_checks_and_averages(monkeypatch: pytest.MonkeyPatch)
         ({"n_samples": 0}, r"n_samples must be >= 1 \(got 0\)"),
         ({"n_samples": 1, "k": (1, 10)}, r"every k must be in 1..n_samples=1 \(got k=\(1, 10\)\)"),
         ({"limit": 0}, r"limit must be >= 1 or None \(got 0\)"),
+        ({"workers": 0}, r"workers must be >= 1 \(got 0\)"),
+        ({"timeout": 0}, r"timeout must be > 0 seconds \(got 0\)"),
     ],
 )
 def test_evaluate_rejects_bad_settings(kwargs: dict, message: str) -> None:

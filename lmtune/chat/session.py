@@ -119,7 +119,8 @@ def load_chat_model(args: ChatArguments) -> tuple[PreTrainedModel, PreTrainedTok
     """
     adapter = Path(args.adapter) if args.adapter else None
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        hint = " It holds a whole model: pass it as --model_name_or_path." if (adapter / "config.json").is_file() else ""
+        whole_model = (adapter / "config.json").is_file()
+        hint = " It holds a whole model: pass it as --model_name_or_path." if whole_model else ""
         raise ConfigError(f"--adapter {adapter}: no adapter_config.json there; expected an lmtune/PEFT adapter.{hint}")
     # Training saves the tokenizer beside the adapter, added special tokens included.
     tokenizer_source = str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file() else None

@@ -33,8 +33,8 @@ from lmtune.data.chat_format import (
     chat_pieces,
     resolve_chat_format,
 )
-from lmtune.data.formats import MAX_INVALID_SHARE
 from lmtune.data.render import IGNORE_INDEX, RenderStats
+from lmtune.data.sources import SKIP_HINT, record_location, report_skipped, source_problem
 from lmtune.errors import DataFormatError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
 # The reference's SlimOrca task used this system prompt for conversations without one.
 SLIMORCA_SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
-_FIX = ". Fix the record, or pass --skip_invalid_records to drop bad records."
 
 
 class _BadRecord(Exception):
@@ -91,7 +90,8 @@ def _from_sharegpt(turns: object, where: str) -> list[Message]:
             raise _BadRecord(
                 f"{where}: message {number}: speaker '{speaker}' is not allowed; allowed: system, human, gpt"
             )
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text_field(turn, "value", f"{where}: message {number}")})
+        content = _text_field(turn, "value", f"{where}: message {number}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": content})
     # SlimOrca (as the reference read it): a missing or empty system turn gets the default prompt.
     if messages and messages[0]["role"] == "system":
         if not messages[0]["content"].strip():
@@ -184,27 +184,21 @@ def read_conversations(
     conversations, problems, total = [], [], 0
     for index, record in enumerate(records):
         total += 1
-        where = f"{source}: record {index}"
+        where = f"{source}: {record_location(record, index)}"  # "record 4 (line 5)" for JSON files
         try:
-            messages = conversation_from_record(record, schema, where)
-            problem = conversation_problem(messages, where)
+            problem = source_problem(record)  # unreadable line or mistyped field, kept by stage 1 for skipping
+            if problem is None:
+                messages = conversation_from_record(record, schema, where)
+                problem = conversation_problem(messages, where)
         except _BadRecord as bad:
             problem = str(bad)
         if problem is None:
             conversations.append((index, messages))
         elif not skip_invalid:
-            raise DataFormatError(problem + _FIX)
+            raise DataFormatError(f"{problem}. Fix: correct the record, {SKIP_HINT}.")
         else:
             problems.append(problem)
-    if problems:
-        for problem in problems[:5]:
-            logger.warning("skipped: %s", problem)
-        if len(problems) / total > MAX_INVALID_SHARE:
-            raise DataFormatError(
-                f"{source}: {len(problems)} of {total} conversations are invalid (more than "
-                f"{MAX_INVALID_SHARE:.0%}); this looks like the wrong file or schema. First: {problems[0]}"
-            )
-        logger.warning("%s: skipped %d invalid conversation(s) of %d.", source, len(problems), total)
+    report_skipped(source, problems, total, what="conversations")
     if not conversations:
         raise DataFormatError(f"{source}: no usable conversations.")
     logger.info("%s: %d conversations in the %s schema.", source, len(conversations), schema)

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from lmtune.data.sources import (  # MAX_INVALID_SHARE is re-exported: other stages import it from here
     LOCATION_COLUMN,
     MAX_INVALID_SHARE,
+    PROBLEM_COLUMN,
     SKIP_HINT,
     describe_value,
     record_location,
     report_skipped,
+    source_problem,
 )
 from lmtune.errors import DataFormatError
 
@@ -107,7 +109,7 @@ def detect_format(columns: Iterable[str], source: str, formats: tuple[RecordForm
         DataFormatError: naming the columns found, the closest format and what it lacks, and
             the schemas accepted.
     """
-    present = set(columns) - {LOCATION_COLUMN}
+    present = set(columns) - {LOCATION_COLUMN, PROBLEM_COLUMN}
     for fmt in formats:
         if set(fmt.required) <= present:
             return fmt
@@ -134,6 +136,9 @@ def check_record(record: dict, fmt: RecordFormat, index: int, source: str) -> st
     The message names the source, the record (and line, for JSON Lines), the field, what it
     holds and what was expected.
     """
+    problem = source_problem(record)  # an unreadable line, or a field whose type differs from the rest
+    if problem is not None:
+        return problem
     where = f"{source}: {record_location(record, index)}: field"
     for name in fmt.required:
         value = record.get(name)

@@ -3,7 +3,8 @@
 Contract: ``prepare_data`` returns tokenized train/validation ``datasets.Dataset`` objects
 ready for the collator, plus statistics, and raises ``DataFormatError`` for any bad
 input. It runs before the model loads, so a broken record costs seconds, not hours.
-Each task maps to one renderer in ``TASK_RENDERERS``.
+Each task maps to one renderer in ``TASK_RENDERERS`` (``SEQ2SEQ_RENDERERS`` for encoder-decoder
+models, whose samples are an encoder input and separate decoder labels).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import datasets
 from transformers import PreTrainedTokenizerBase
@@ -19,6 +21,7 @@ from lmtune.data.chat import render_chat_records
 from lmtune.data.formats import to_examples
 from lmtune.data.packing import PackingStats, pack_examples
 from lmtune.data.render import RenderStats, render_examples
+from lmtune.data.seq2seq import SEQ2SEQ_TASKS, check_seq2seq_packing, render_seq2seq_records
 from lmtune.data.sources import load_splits
 from lmtune.data.summarization import render_summarization_records
 from lmtune.errors import ConfigError
@@ -83,6 +86,20 @@ TASK_RENDERERS: dict[str, Renderer] = {
 }
 
 
+def render_seq2seq(
+    dataset: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings, *, task: str
+) -> tuple[dict[str, list[list[int]]], RenderStats]:
+    """Any task on an encoder-decoder model: source -> encoder ``input_ids``, target -> ``labels``."""
+    return render_seq2seq_records(
+        dataset, dataset.column_names, tokenizer, task=task, source=source,
+        max_source_length=settings.max_source_length, max_target_length=settings.max_target_length,
+        chat_template=settings.chat_template, skip_invalid=settings.skip_invalid_records,
+    )
+
+
+SEQ2SEQ_RENDERERS: dict[str, Renderer] = {task: partial(render_seq2seq, task=task) for task in SEQ2SEQ_TASKS}
+
+
 @dataclass
 class PreparedData:
     train: datasets.Dataset | None = None
@@ -116,6 +133,7 @@ def prepare_data(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     dataset_concatenation: bool = False,
+    seq2seq: bool = False,
     need_train: bool = True,
     need_validation: bool = False,
     settings: RenderSettings = RenderSettings(),
@@ -126,14 +144,19 @@ def prepare_data(
     """Load, check, tokenize and (optionally) pack the train and validation data.
 
     ``max_train_samples``/``max_eval_samples`` keep the first N records (before packing).
+    ``seq2seq`` renders for an encoder-decoder model (``lmtune.data.seq2seq``).
 
     Raises:
-        ConfigError: for an unsupported task, or when validation is needed but there is none.
+        ConfigError: for an unsupported task, packing asked for a seq2seq model, or when
+            validation is needed but there is none.
         DataFormatError: for any unreadable file or bad record.
     """
-    if task not in TASK_RENDERERS:
-        raise ConfigError(f"--task {task} is not supported; choose one of {', '.join(TASK_RENDERERS)}.")
-    renderer = TASK_RENDERERS[task]
+    renderers = SEQ2SEQ_RENDERERS if seq2seq else TASK_RENDERERS
+    if task not in renderers:
+        raise ConfigError(f"--task {task} is not supported; choose one of {', '.join(renderers)}.")
+    if seq2seq:
+        check_seq2seq_packing(dataset_concatenation)
+    renderer = renderers[task]
     splits = load_splits(
         train_file=train_file, validation_file=validation_file, dataset_name=dataset_name,
         dataset_config_name=dataset_config_name, train_split=train_split, validation_split=validation_split,

@@ -8,6 +8,10 @@ hold a column whose type changes between records. Every problem found here names
 the line or record, what was expected and the fix. Records read from a JSON file carry their
 position in the file in ``LOCATION_COLUMN`` (``record 10 (line 11)``), so later stages can name
 it after shuffling or skipping.
+
+With ``skip_invalid`` a bad line or record is not dropped here but kept as a row whose
+``PROBLEM_COLUMN`` says what is wrong (and whose bad field is null), so that stage 2 drops,
+counts and reports every kind of bad record in one place, against one limit.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ logger = logging.getLogger(__name__)
 TRAIN_SPLIT_CANDIDATES = ("train", "train_sft")
 VALIDATION_SPLIT_CANDIDATES = ("validation", "valid", "val", "test_sft", "test")
 LOCATION_COLUMN = "_lmtune_location"
+PROBLEM_COLUMN = "_lmtune_problem"
 # Share of bad records above which --skip_invalid_records still refuses to train.
 MAX_INVALID_SHARE = 0.1
 SKIP_HINT = "or pass --skip_invalid_records to skip bad records"
@@ -36,6 +41,11 @@ _SHOWN_PROBLEMS = 5
 def record_location(record: dict, index: int) -> str:
     """Where a record sits in its source: ``record 10 (line 11)`` for a JSON Lines file."""
     return record.get(LOCATION_COLUMN) or f"record {index}"
+
+
+def source_problem(record: dict) -> str | None:
+    """What stage 1 found wrong with a record kept for ``--skip_invalid_records``, or None."""
+    return record.get(PROBLEM_COLUMN)
 
 
 def describe_value(value: Any, limit: int = 60) -> str:
@@ -78,9 +88,13 @@ def _undecodable(path: Path, raw: bytes, err: UnicodeDecodeError, offset: int = 
             "text. Fix: re-save the file as UTF-8 (this byte looks like cp1252/latin-1 text)")
 
 
-def _decode(path: Path, raw: bytes) -> str:
+def _reject_utf16(path: Path, raw: bytes) -> None:
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataFormatError(f"{path}: the file is UTF-16 encoded; expected UTF-8. Fix: re-save it as UTF-8.")
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    _reject_utf16(path, raw)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -124,7 +138,7 @@ def _read_json_array(path: Path, text: str) -> list[Any]:
 
 def _array_syntax(path: Path, text: str, err: json.JSONDecodeError, index: int) -> str:
     truncated = not text.rstrip().endswith("]")
-    where = f"record {index}: {err.msg} at line {err.lineno}, column {err.colno}"
+    where = f"record {index}: {err.msg.removesuffix(' at')} at line {err.lineno}, column {err.colno}"
     if truncated:
         intact = f"records 0-{index - 1} are complete" if index else "no record is complete"
         return (f"{path}: {where}; the file ends before its JSON array is closed, so it looks "
@@ -150,24 +164,20 @@ def _whole_object_problem(path: Path, text: str) -> str | None:
 def _read_json_lines(path: Path, raw: bytes, skip_invalid: bool) -> list[dict]:
     """One object per line; a bad line is an error, or skipped and reported with --skip_invalid_records."""
     records: list[dict] = []
-    problems: list[str] = []
-    seen = 0
     offset = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     for number, line in enumerate(raw[offset:].split(b"\n"), start=1):
         start = offset
         offset += len(line) + 1
         if not line.strip():
             continue
-        seen += 1
         problem, record = _parse_line(path, raw, line, number, start)
         if problem is None:
             record[LOCATION_COLUMN] = f"record {len(records)} (line {number})"
-            records.append(record)
         elif not skip_invalid:
             raise DataFormatError(f"{problem}, {SKIP_HINT}.")
         else:
-            problems.append(problem)
-    report_skipped(str(path), problems, seen, "lines")
+            record = {LOCATION_COLUMN: f"line {number}", PROBLEM_COLUMN: problem}
+        records.append(record)
     return records
 
 
@@ -196,11 +206,11 @@ def read_json_records(path: str | Path, *, skip_invalid: bool = False) -> list[d
 
     Args:
         path: The file.
-        skip_invalid: Skip JSON Lines lines that are undecodable, not JSON or not objects
-            (reported; refused beyond ``MAX_INVALID_SHARE``) instead of raising.
+        skip_invalid: Keep JSON Lines lines that are undecodable, not JSON or not objects as
+            rows holding only ``PROBLEM_COLUMN`` (for stage 2 to skip), instead of raising.
 
     Returns:
-        The records; from JSON Lines each carries ``LOCATION_COLUMN``.
+        The records, each with its ``LOCATION_COLUMN``.
 
     Raises:
         DataFormatError: naming the file, line/record and problem, for syntax errors,
@@ -208,6 +218,7 @@ def read_json_records(path: str | Path, *, skip_invalid: bool = False) -> list[d
     """
     path = Path(path)
     raw = path.read_bytes()
+    _reject_utf16(path, raw)
     if not raw.strip(b" \t\r\n\xef\xbb\xbf"):
         raise DataFormatError(
             f"{path}: the file is empty ({len(raw)} bytes); expected a JSON array of records or one JSON object "
@@ -281,7 +292,7 @@ def _merge(a: Any, b: Any, path: str) -> Any:
     raise _Conflict(path, a, b)
 
 
-def _type_problems(path: Path, records: list[dict]) -> dict[int, str]:
+def _type_problems(path: Path, records: list[dict]) -> dict[int, tuple[str, str]]:
     """Records whose field types differ from the rest (Arrow needs one type per column).
 
     The type most records use is the expected one, so one bad record is named, not the good ones.
@@ -300,24 +311,27 @@ def _type_problems(path: Path, records: list[dict]) -> dict[int, str]:
                 continue
             where = record_location(records[index], index)
             if _kind(shape) != usual:
-                problems[index] = (f"{path}: {where}: field '{column}' is {describe_value(records[index][column])}; "
-                                   f"expected {usual}, as in {count} other records")
+                problems[index] = (column, f"{path}: {where}: field '{column}' is "
+                                   f"{describe_value(records[index][column])}; expected {usual}, as in {count} other records")
                 continue
             try:
                 merged = _merge(merged, shape, column)
             except _Conflict as conflict:
-                problems[index] = (f"{path}: {where}: field '{conflict.path}' is {_kind(conflict.second)}; expected "
-                                   f"{_kind(conflict.first)}, as in the records before it")
+                problems[index] = (column, f"{path}: {where}: field '{conflict.path}' is {_kind(conflict.second)}; "
+                                   f"expected {_kind(conflict.first)}, as in the records before it")
     return problems
 
 
 def _consistent_records(path: Path, records: list[dict], skip_invalid: bool) -> list[dict]:
+    """Raise on the first record whose field types differ from the rest, or mark it for skipping."""
     problems = _type_problems(path, records)
     if problems and not skip_invalid:
-        first = min(problems)
-        raise DataFormatError(f"{problems[first]}. Fix: give that field the same type in every record, {SKIP_HINT}.")
-    report_skipped(str(path), [problems[i] for i in sorted(problems)], len(records))
-    return [record for index, record in enumerate(records) if index not in problems]
+        message = problems[min(problems)][1]
+        raise DataFormatError(f"{message}. Fix: give that field the same type in every record, {SKIP_HINT}.")
+    for index, (column, message) in problems.items():
+        records[index][column] = None  # Arrow holds one type per column; the record is skipped anyway
+        records[index][PROBLEM_COLUMN] = message
+    return records
 
 
 def load_file(path: str | Path, *, skip_invalid: bool = False, flag: str = "--train_file") -> datasets.Dataset:
@@ -327,8 +341,9 @@ def load_file(path: str | Path, *, skip_invalid: bool = False, flag: str = "--tr
 
     Args:
         path: The file.
-        skip_invalid: Skip unreadable lines and records whose field types differ from the
-            other records (reported), instead of raising.
+        skip_invalid: Keep unreadable lines and records whose field types differ from the other
+            records as rows marked with ``PROBLEM_COLUMN`` (stage 2 skips and reports them),
+            instead of raising.
         flag: The flag that named the file, for messages.
 
     Raises:
@@ -344,9 +359,10 @@ def load_file(path: str | Path, *, skip_invalid: bool = False, flag: str = "--tr
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
         records = _consistent_records(path, read_json_records(path, skip_invalid=skip_invalid), skip_invalid)
-        if not records:
-            raise DataFormatError(f"{path}: no usable records left after skipping.")
-        return datasets.Dataset.from_list(records)
+        # Dataset.from_list takes its columns from the first record alone; a field that only
+        # later records have would vanish without a word.
+        columns = list(dict.fromkeys(key for record in records for key in record))
+        return datasets.Dataset.from_dict({key: [record.get(key) for record in records] for key in columns})
     if suffix == ".txt":
         lines = [line for line in _decode(path, path.read_bytes()).splitlines() if line.strip()]
         if not lines:

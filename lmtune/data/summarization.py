@@ -54,8 +54,9 @@ def summary_prompt_ids(encoder: PieceEncoder, article: str, max_source_length: i
 
 def _records(records: Iterable[dict], columns: Iterable[str] | None, source: str, skip_invalid: bool
              ) -> list[dict[str, str]]:
-    records = list(records) if columns is None else records
+    """Checked ``{"article", "highlights"}`` examples; columns are taken from the first record if not given."""
     if columns is None:
+        records = list(records)
         columns = records[0].keys() if records else ()
     return to_examples(records, columns, source, skip_invalid=skip_invalid, formats=(SUMMARIZATION_FORMAT,))
 

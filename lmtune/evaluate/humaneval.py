@@ -141,11 +141,12 @@ def check_completion(
     """Run a completion against the problem's tests in a sandboxed subprocess.
 
     The program is ``prompt + completion + "\\n" + test + "\\ncheck(entry_point)"``,
-    as in OpenAI's human-eval. It runs as ``python -I -S`` (no PYTHON*
-    variables, no site-packages: HumanEval needs only the standard library, and
-    skipping ``site`` cuts start-up from ~190 ms to ~20 ms) in a fresh temporary directory with a minimal
-    environment, limited address space, CPU time and file size, in its own
-    process group, which is killed at the timeout. Network access is not blocked.
+    as in OpenAI's human-eval. It runs as ``python -I -S``: no PYTHON*
+    variables and no site-packages (HumanEval needs only the standard library,
+    and skipping ``site`` cuts start-up from ~190 ms to ~20 ms). It runs in a
+    fresh temporary directory with a minimal environment, limited address
+    space, CPU time (``ceil(timeout) + 1`` s) and file size, in its own process
+    group, which is killed at the timeout. Network access is not blocked.
 
     Args:
         problem: A HumanEval problem (prompt, test, entry_point).
@@ -195,6 +196,14 @@ def check_completion(
         return False, _failure_reason(returncode, stderr_path.read_text(encoding="utf-8", errors="replace"))
 
 
+def _check_pool_settings(workers: int, timeout: float) -> None:
+    """Reject settings that cannot run, before any generation starts."""
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1 (got {workers})")
+    if timeout <= 0:
+        raise ConfigError(f"timeout must be > 0 seconds (got {timeout})")
+
+
 def check_completions(
     checks: list[tuple[dict, str]], *, timeout: float = 5.0, workers: int = 2
 ) -> list[tuple[bool, str]]:
@@ -214,10 +223,7 @@ def check_completions(
     Raises:
         ConfigError: If ``workers`` < 1 or ``timeout`` <= 0.
     """
-    if workers < 1:
-        raise ConfigError(f"workers must be >= 1 (got {workers})")
-    if timeout <= 0:
-        raise ConfigError(f"timeout must be > 0 seconds (got {timeout})")
+    _check_pool_settings(workers, timeout)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda pair: check_completion(*pair, timeout=timeout), checks))
 
@@ -282,16 +288,20 @@ def evaluate_humaneval(
         passed flags and reasons.
 
     Raises:
-        ConfigError: If ``n_samples``, ``k`` or ``limit`` are out of range.
+        ConfigError: If ``n_samples``, ``k``, ``limit``, ``workers`` or ``timeout``
+            are out of range (checked before anything is generated).
         DataFormatError: If there are no problems to evaluate.
     """
     if n_samples < 1:
         raise ConfigError(f"n_samples must be >= 1 (got {n_samples})")
     bad_k = [value for value in k if not 1 <= value <= n_samples]
     if not k or bad_k:
-        raise ConfigError(f"every k must be in 1..n_samples={n_samples} (got k={tuple(k)}); raise n_samples or drop k")
+        raise ConfigError(
+            f"every k must be in 1..n_samples={n_samples} (got k={tuple(k)}); raise n_samples or drop k"
+        )
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1 or None (got {limit})")
+    _check_pool_settings(workers, timeout)
     problems = problems[:limit]
     if not problems:
         raise DataFormatError("HumanEval needs at least one problem (got none)")

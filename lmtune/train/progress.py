@@ -65,7 +65,7 @@ class OnceFilter(logging.Filter):
 
 
 def configure_messages(*, interactive: bool) -> None:
-    """Quiet a normal run: each warning once, library deprecations off, bars only on a terminal.
+    """Quiet a normal run: each warning once on the console, library deprecations off, bars only on a terminal.
 
     Args:
         interactive: A person watches a terminal (``is_interactive``); otherwise the
@@ -74,7 +74,9 @@ def configure_messages(*, interactive: bool) -> None:
     for message, category in LIBRARY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=category)
     for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, OnceFilter) for f in handler.filters):
+        # Only the console handler of logging.basicConfig (what the CLI sets up): handlers that an
+        # application or a test framework installed keep every record they are sent.
+        if type(handler) is logging.StreamHandler and not any(isinstance(f, OnceFilter) for f in handler.filters):
             handler.addFilter(OnceFilter())
     if not interactive:
         import datasets

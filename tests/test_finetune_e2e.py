@@ -1,0 +1,111 @@
+"""The real command line, end to end, on a tiny model: artifacts, logs, loss, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lmtune.cli import main, main_clm
+from lmtune.finetune import finetune
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models run fastest on one thread, above all on a busy 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def base_flags(model_dir, data, out, *extra):
+    return ["--model_name_or_path", str(model_dir), "--train_file", str(data), "--output_dir", str(out),
+            "--do_train", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--lora_rank", "8",
+            "--report_to", "none", "--disable_tqdm", "True", "--save_strategy", "no", "--no_cuda", *extra]
+
+
+def test_finetune_clm_writes_every_artifact_and_the_loss_falls(demo_model_dir, alpaca_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main_clm(base_flags(demo_model_dir, alpaca_file, out, "--max_steps", "30", "--logging_steps", "5",
+                               "--do_eval", "--validation_split_percentage", "20", "--lora_all_linear",
+                               "--dataset_concatenation", "--max_seq_length", "256"))
+    assert code == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "train_results.json", "eval_results.json", "all_results.json", "lmtune_args.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_ppl"] == pytest.approx(torch.tensor(results["eval_loss"]).exp().item(), rel=1e-4)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0] * 0.8
+    saved = json.loads((out / "lmtune_args.json").read_text())
+    assert saved["args"]["finetune"]["lora_all_linear"] is True and saved["versions"]["transformers"]
+    assert "lmtune: training loss" in capsys.readouterr().out
+
+    # The adapter is plain PEFT: it loads with peft and changes the base model's outputs.
+    base = AutoModelForCausalLM.from_pretrained(demo_model_dir)
+    ids = torch.tensor([[1, 40, 41, 42]])
+    before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, out)
+    assert not torch.allclose(tuned(ids).logits, before)
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in weights) and any("mlp" in k for k in weights)
+
+
+def test_python_api_runs_the_same_job(tiny_llama_dir, alpaca_file, tmp_path):
+    metrics = finetune(model_name_or_path=str(tiny_llama_dir), train_file=str(alpaca_file),
+                       output_dir=str(tmp_path / "api"), do_train=True, max_steps=2, report_to="none",
+                       save_strategy="no", disable_tqdm=True, per_device_train_batch_size=2)
+    assert metrics["train_loss"] > 0 and metrics["train_samples"] == 40
+    assert (tmp_path / "api" / "adapter_model.safetensors").is_file()
+
+
+def test_packed_and_unpacked_first_step_loss_agree(tiny_llama_dir, alpaca_file, tmp_path):
+    # One step over all 40 samples: packing changes the rows, not the supervised tokens or their loss.
+    common = dict(model_name_or_path=str(tiny_llama_dir), train_file=str(alpaca_file), do_train=True, max_steps=1,
+                  per_device_train_batch_size=40, report_to="none", save_strategy="no", disable_tqdm=True,
+                  max_seq_length=256, lora_dropout=0.0)
+    unpacked = finetune(output_dir=str(tmp_path / "u"), **common)
+    packed = finetune(output_dir=str(tmp_path / "p"), dataset_concatenation=True, **common)
+    assert packed["train_samples"] < unpacked["train_samples"] == 40
+    assert packed["train_loss"] == pytest.approx(unpacked["train_loss"], rel=1e-4)
+
+
+def test_failure_exits_non_zero_with_one_paragraph(tmp_path, capsys):
+    code = main(["finetune", "--model_name_or_path", str(tmp_path / "missing"), "--train_file",
+                 str(tmp_path / "x.json"), "--output_dir", str(tmp_path / "o"), "--do_train"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("lmtune: error: --model_name_or_path") and "Traceback" not in err
+
+
+def test_bad_data_fails_before_the_model_loads(tiny_llama_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"\n', encoding="utf-8")
+    code = main_clm(base_flags(tiny_llama_dir, bad, tmp_path / "o", "--max_steps", "1"))
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.jsonl" in err and "line 2" in err
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+def test_non_empty_foreign_output_dir_is_refused(tiny_llama_dir, alpaca_file, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code = main_clm(base_flags(tiny_llama_dir, alpaca_file, out, "--max_steps", "1"))
+    assert code == 2 and "--overwrite_output_dir" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_module_entry_point_runs_in_a_subprocess(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lmtune.finetune_clm", "--lora_rnk", "4"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "unknown flag --lora_rnk (did you mean --lora_rank?)" in result.stderr
