@@ -114,9 +114,48 @@ class FinetuneArguments:
         default=None, metadata={"help": "Chat format: neural-chat (default), tokenizer, or a Jinja file path."}
     )
     eval_ppl: bool = field(default=True, metadata={"help": "Report eval_ppl = exp(eval_loss)."})
-    do_lm_eval: bool = field(default=False, metadata={"help": "Run the task's benchmark after training."})
+    do_lm_eval: bool = field(
+        default=False,
+        metadata={"help": "After training, run the task's benchmark: HumanEval for --task code-generation, "
+                  "--lm_eval_tasks otherwise."},
+    )
     lm_eval_tasks: list[str] = field(
-        default_factory=lambda: ["truthfulqa_mc"], metadata={"help": "Benchmarks for --do_lm_eval."}
+        default_factory=lambda: ["truthfulqa_mc"],
+        metadata={"help": "Benchmarks for --do_lm_eval: truthfulqa_mc (= mc1 + mc2), truthfulqa_mc1, "
+                  "truthfulqa_mc2 built in; any other lm-evaluation-harness task name or task YAML file "
+                  "runs through the lm_eval package (pip install lm_eval)."},
+    )
+    lm_eval_limit: int | None = field(
+        default=None, metadata={"help": "Score only the first N questions of each --lm_eval_tasks benchmark."}
+    )
+    truthfulqa_file: str | None = field(
+        default=None,
+        metadata={"help": "TruthfulQA mc_task.json or TruthfulQA.csv (default: the hub data set "
+                  "truthfulqa/truthful_qa)."},
+    )
+    humaneval_file: str | None = field(
+        default=None, metadata={"help": "HumanEval problems for --task code-generation: HumanEval.jsonl(.gz)."}
+    )
+    humaneval_limit: int | None = field(
+        default=None, metadata={"help": "Evaluate only the first N HumanEval problems (default: all 164)."}
+    )
+    humaneval_n_samples: int = field(
+        default=1, metadata={"help": "Completions per HumanEval problem: 1 is greedy; more sample and report "
+                             "pass@k for every k in 1, 10, 100 up to N."}
+    )
+    humaneval_temperature: float = field(
+        default=0.2, metadata={"help": "HumanEval sampling temperature (with --humaneval_n_samples > 1)."}
+    )
+    humaneval_top_p: float = field(
+        default=0.95, metadata={"help": "HumanEval nucleus sampling mass (with --humaneval_n_samples > 1)."}
+    )
+    humaneval_max_new_tokens: int = field(
+        default=512, metadata={"help": "Most tokens generated per HumanEval completion."}
+    )
+    eval_generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Prompts per generate/scoring call in task evaluations (ROUGE, HumanEval, "
+                  "TruthfulQA); default --per_device_eval_batch_size."},
     )
     qlora: bool = field(default=False, metadata={"help": "Quantized base model plus LoRA."})
     double_quant: bool = field(default=True, metadata={"help": "QLoRA: quantize the quantization constants."})
@@ -375,6 +414,30 @@ def _run_safety_problems(data: DataArguments, ft: FinetuneArguments, training: T
     return problems
 
 
+def _evaluation_problems(ft: FinetuneArguments) -> list[str]:
+    """Post-training evaluation settings that cannot work."""
+    problems = []
+    for flag in ("lm_eval_limit", "humaneval_limit", "eval_generation_batch_size"):
+        value = getattr(ft, flag)
+        if value is not None and value <= 0:
+            problems.append(f"--{flag} must be > 0 (got {value})")
+    for flag in ("humaneval_n_samples", "humaneval_max_new_tokens"):
+        if getattr(ft, flag) <= 0:
+            problems.append(f"--{flag} must be > 0 (got {getattr(ft, flag)})")
+    if ft.humaneval_temperature <= 0:
+        problems.append(f"--humaneval_temperature must be > 0 (got {ft.humaneval_temperature})")
+    if not 0 < ft.humaneval_top_p <= 1:
+        problems.append(f"--humaneval_top_p must be in (0, 1] (got {ft.humaneval_top_p})")
+    for flag in ("truthfulqa_file", "humaneval_file"):
+        path = getattr(ft, flag)
+        if path and not Path(path).exists():
+            problems.append(f"--{flag} {path}: no such file")
+    if ft.do_lm_eval and ft.task == "code-generation" and not ft.humaneval_file:
+        problems.append("--do_lm_eval with --task code-generation runs HumanEval and needs --humaneval_file "
+                        "HumanEval.jsonl.gz (the public file of openai/human-eval; this build does not fetch it)")
+    return problems
+
+
 def validate_args(args: ParsedArgs) -> None:
     """Check every cross-field rule at once, before anything loads.
 
@@ -426,5 +489,6 @@ def validate_args(args: ParsedArgs) -> None:
     if training.bf16 and training.fp16:
         problems.append("--bf16 and --fp16 exclude each other")
     problems += _run_safety_problems(data, ft, training)
+    problems += _evaluation_problems(ft)
     if problems:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))

@@ -73,12 +73,28 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
+class _Ids:
+    """The sizes a config needs, read without building a transformers tokenizer."""
+
+    size: int
+    bos_token_id: int
+    eos_token_id: int
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def _save_tokenizer(family: Family, path: Path, demo_tokenizer) -> tuple[object, str | None]:
     """Write the family's tokenizer into ``path``; returns it and the --tokenizer_name to pass, if separate."""
     if family.tokenizer == "llama_sp":
         # A bare SentencePiece file, as llama2.c and many LLaMA exports ship it (no tokenizer_config.json).
+        import sentencepiece
+
         (path / "tokenizer.model").symlink_to(TOKENIZERS / "llama2c_tokenizer.model")
-        return AutoTokenizer.from_pretrained(path), None
+        # sentencepiece reads the ids in milliseconds; the conversion to a fast tokenizer is left to the run.
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+        return _Ids(sp.get_piece_size(), sp.bos_id(), sp.eos_id()), None
     if family.tokenizer == "neox_json":
         from transformers import PreTrainedTokenizerFast
 

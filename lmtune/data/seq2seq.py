@@ -93,6 +93,12 @@ def _special_tokens_after(tokenizer: PreTrainedTokenizerBase) -> int:
     return len(ids) - start - len(plain)
 
 
+def summary_source_budget(tokenizer: PreTrainedTokenizerBase, max_source_length: int) -> int:
+    """The ``max_source_length`` to give ``summarization_prompts`` so that the prompt text, tokenized
+    with the special tokens an encoder input gets (T5 appends ``</s>``), fits ``max_source_length``."""
+    return max_source_length - _special_tokens_after(tokenizer)
+
+
 class _Builder:
     """Collects (source ids, target text) pairs into samples and counts what it drops or cuts."""
 
@@ -153,7 +159,7 @@ def _instructions(builder: _Builder, records: Iterable[dict], columns: Iterable[
 def _summaries(builder: _Builder, records: Iterable[dict], columns: Iterable[str], source: str,
                skip_invalid: bool) -> None:
     examples = to_examples(records, columns, source, skip_invalid=skip_invalid, formats=(SUMMARIZATION_FORMAT,))
-    budget = builder.max_source_length - _special_tokens_after(builder.tokenizer)
+    budget = summary_source_budget(builder.tokenizer, builder.max_source_length)
     prompts = summarization_prompts(examples, builder.tokenizer, budget, source=source)
     # Cutting the article text can re-tokenize one token longer; truncation then trims the tail.
     encoded = builder.tokenizer(prompts, truncation=True, max_length=builder.max_source_length).input_ids

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
+import torch
 from datasets import Dataset
+from peft import PeftModel
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -20,6 +22,7 @@ from transformers import (
 )
 
 from lmtune.train.checkpointing import AtomicCheckpointMixin
+from lmtune.train.loss import causal_lm_loss_sum
 
 
 def perplexity(loss: float) -> float:
@@ -42,8 +45,56 @@ class PerplexityMixin:
         super().log(logs, *args, **kwargs)
 
 
+# Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``: no logit
+# soft-capping (Gemma 2/3), scaling (Cohere, Granite) or auxiliary loss (Mixtral routers).
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt_neox", "phi3"})
+
+
+def _plain_head_parts(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(decoder, lm_head) of an unwrapped causal LM or LoRA-style PEFT model, else None.
+
+    Anything wrapped (DDP, torch.compile) or with virtual tokens (prefix/prompt tuning)
+    must go through its own forward, so it gets None and the stock loss.
+    """
+    if isinstance(model, PeftModel):
+        if model.peft_config[model.active_adapter].is_prompt_learning:
+            return None
+        model = model.get_base_model()
+    if not isinstance(model, PreTrainedModel) or model.config.model_type not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return None
+    return model.get_decoder(), head
+
+
 class LmtuneTrainer(AtomicCheckpointMixin, PerplexityMixin, Trainer):
-    """The stock Trainer plus perplexity and atomic checkpoints."""
+    """The stock Trainer plus perplexity, atomic checkpoints and a lean training loss.
+
+    The training loss is computed from hidden states (``train/loss.py``): the output head
+    runs only on labelled positions and never holds the whole batch's float32 logits.
+    Evaluation, and models outside ``PLAIN_HEAD_MODEL_TYPES``, keep the stock path.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        parts = _plain_head_parts(model)
+        stock = (
+            parts is None or return_outputs or "labels" not in inputs
+            or self.label_smoother is not None or self.compute_loss_func is not None
+        )
+        if stock:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        decoder, head = parts
+        features = {key: value for key, value in inputs.items() if key != "labels"}
+        hidden = decoder(**features, use_cache=False).last_hidden_state
+        loss_sum, count = causal_lm_loss_sum(hidden, head.weight, inputs["labels"])
+        # Mirror the stock loss: divide by the whole accumulated batch's label count when the
+        # Trainer passes it (then it skips its own 1/accumulation_steps), else by this batch's.
+        scaled = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+        loss = loss_sum / (num_items_in_batch if scaled else count.clamp(min=1))
+        if scaled and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
+        return loss
 
 
 class LmtuneSeq2SeqTrainer(AtomicCheckpointMixin, PerplexityMixin, Seq2SeqTrainer):

@@ -1,0 +1,168 @@
+"""examples/: one YAML recipe per reference command line, each equal to its command line, each runnable.
+
+Hub names in the recipes and the reference are replaced on the command line by local paths (the
+tiny test model, the local stand-ins of the hub data sets in ../shared/data), the same for both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmtune.args import args_to_dict, parse_args
+from lmtune.errors import ConfigError
+from lmtune.finetune import run_finetune
+from tests.conftest import PROJECT_ROOT, SHARED_DATA, require_shared_data
+
+EXAMPLES = PROJECT_ROOT / "examples"
+REFERENCE = PROJECT_ROOT.parent / "shared" / "seed" / "neuralchat-finetuning.md"
+DEMO_RECIPE = EXAMPLES / "tiny_cpu_demo.yaml"
+# The reference's command lines in page order, and the recipe of each.
+REFERENCE_RECIPES = (
+    "flan-t5-xl_alpaca_seq2seq", "llama2-7b_evol-codealpaca", "codellama-7b_codealpaca", "mpt-7b_alpaca",
+    "falcon-7b_alpaca", "mistral-7b_alpaca", "starcoder_codealpaca", "flan-t5-xl_alpaca_ddp",
+    "llama2-7b-chat_alpaca_ddp_ptun", "mpt-7b_alpaca_ddp_lora", "habana_llama2-7b-chat_alpaca",
+    "habana_mpt-7b_alpaca", "habana_llama2-7b-chat_alpaca_8cards", "habana_mpt-7b_alpaca_8cards",
+    "habana_llama2-70b-chat_alpaca_deepspeed", "habana_mixtral-8x7b_alpaca_deepspeed", "gemma-2b_alpaca_arc",
+)
+# Recipes that need hardware or a model class this machine lacks: they are parsed, not run.
+NOT_RUNNABLE_HERE = {
+    "flan-t5-xl_alpaca_seq2seq": "an encoder-decoder recipe; the tiny test model is a causal LM",
+    "flan-t5-xl_alpaca_ddp": "an encoder-decoder recipe; the tiny test model is a causal LM",
+    **{name: "needs Intel Gaudi (HPU)" for name in REFERENCE_RECIPES if name.startswith("habana_")},
+}
+ALPACA_FILE = SHARED_DATA / "alpaca" / "alpaca_data_first2000.json"
+NEOX_TOKENIZER = SHARED_DATA / "tokenizers" / "gpt-neox-20B_tokenizer.json"
+
+
+def reference_command_lines() -> list[list[str]]:
+    """The flags of every finetune_clm.py / finetune_seq2seq.py command line on the reference page."""
+    logical = re.sub(r"\\\n", " ", REFERENCE.read_text(encoding="utf-8")).splitlines()
+    commands = []
+    for line in logical:
+        if re.search(r"finetune_(clm|seq2seq)\.py\s+--", line):
+            tokens = shlex.split(line)
+            script = next(i for i, t in enumerate(tokens) if re.search(r"finetune_(clm|seq2seq)\.py$", t))
+            commands.append(tokens[script:])
+    return commands
+
+
+def local_overrides(flags: dict, tiny_llama_dir: Path, out: Path) -> list[str]:
+    """Local stand-ins for the hub names and paths a recipe (or command line) names."""
+    argv = ["--model_name_or_path", str(tiny_llama_dir), "--output_dir", str(out)]
+    if flags.get("dataset_name"):
+        argv += ["--dataset_name", str(SHARED_DATA / "hub" / flags["dataset_name"])]
+    if flags.get("train_file"):
+        argv += ["--train_file", str(ALPACA_FILE)]
+    if flags.get("tokenizer_name"):
+        argv += ["--tokenizer_name", str(NEOX_TOKENIZER)]
+    if flags.get("deepspeed"):
+        argv += ["--deepspeed", ""]  # the DeepSpeed package is not part of lmtune's test environment
+    return argv
+
+
+def recipe_flags(name: str) -> dict:
+    return yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text(encoding="utf-8"))
+
+
+def test_every_reference_command_line_has_a_recipe_and_a_readme_row():
+    assert len(reference_command_lines()) == len(REFERENCE_RECIPES) == 17
+    on_disk = {p.stem for p in EXAMPLES.glob("*.yaml")}
+    assert on_disk == set(REFERENCE_RECIPES) | {DEMO_RECIPE.stem}
+    readme = (EXAMPLES / "README.md").read_text(encoding="utf-8")
+    for name in on_disk:
+        assert f"`{name}.yaml`" in readme, name
+
+
+@pytest.mark.parametrize("index", range(len(REFERENCE_RECIPES)), ids=REFERENCE_RECIPES)
+def test_recipe_equals_its_reference_command_line(index, tiny_llama_dir, tmp_path):
+    name = REFERENCE_RECIPES[index]
+    command = reference_command_lines()[index]
+    script, reference_argv = command[0], command[1:]
+    flags = recipe_flags(name)
+    assert flags["model_name_or_path"] == reference_argv[reference_argv.index("--model_name_or_path") + 1]
+    overrides = local_overrides(flags, tiny_llama_dir, tmp_path / "out")
+    seq2seq = script.startswith("finetune_seq2seq")
+    from_reference = parse_args(reference_argv + overrides, seq2seq=seq2seq)
+    from_recipe = parse_args(["--config", str(EXAMPLES / f"{name}.yaml"), *overrides], seq2seq=seq2seq)
+    assert args_to_dict(from_recipe) == args_to_dict(from_reference)
+
+
+def test_deepspeed_recipes_name_the_shipped_config():
+    config = json.loads((EXAMPLES / "ds_zero3_config.json").read_text())
+    assert config["zero_optimization"]["stage"] == 3 and config["bf16"]["enabled"] is True
+    for name in REFERENCE_RECIPES:
+        if "deepspeed" in recipe_flags(name):
+            assert recipe_flags(name)["deepspeed"] == "examples/ds_zero3_config.json", name
+
+
+def test_a_deepspeed_recipe_without_deepspeed_says_what_to_install(tiny_llama_dir, tmp_path):
+    if shutil.which("deepspeed"):
+        pytest.skip("deepspeed is installed here")
+    name = "habana_mixtral-8x7b_alpaca_deepspeed"
+    argv = ["--config", str(EXAMPLES / f"{name}.yaml"), "--model_name_or_path", str(tiny_llama_dir),
+            "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ConfigError, match="pip install deepspeed"):
+        parse_args(argv)
+
+
+RUNNABLE = [name for name in REFERENCE_RECIPES if name not in NOT_RUNNABLE_HERE]
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_recipe_runs_as_a_dry_run_on_local_stand_ins(name, tiny_llama_dir, tmp_path, capsys):
+    require_shared_data()
+    flags = recipe_flags(name)
+    argv = ["--config", str(EXAMPLES / f"{name}.yaml"), *local_overrides(flags, tiny_llama_dir, tmp_path / "out"),
+            "--max_train_samples", "24", "--dry_run"]
+    metrics = run_finetune(parse_args(argv))
+    text = capsys.readouterr().out
+    assert metrics["dry_run_train_kept"] > 0 and metrics["dry_run_steps"] > 0
+    assert "lmtune dry run" in text and "[[" in text
+    assert ("packing     24 samples in" in text) == bool(flags.get("dataset_concatenation"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiny_cpu_demo_recipe_end_to_end(tmp_path):
+    """The demo recipe as its header says to run it, with fewer steps: every artifact of a finished run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lmtune.demo import build_demo_model, demo_data_path
+
+    build_demo_model(tmp_path / "lmtune-demo-model")
+    shutil.copy(demo_data_path(), tmp_path / "demo_instructions.jsonl")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(PROJECT_ROOT)}
+    command = [sys.executable, "-m", "lmtune", "finetune", "--config", str(DEMO_RECIPE), "--max_steps", "3",
+               "--logging_steps", "1", "--eval_steps", "2", "--max_eval_samples", "8", "--max_seq_length", "128"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "lmtune-demo-out"
+    for name in ("adapter_model.safetensors", "README.md", "loss_curve.png", "lmtune_args.json",
+                 "all_results.json"):
+        assert (out / name).is_file(), name
+    assert "lmtune chat --model_name_or_path lmtune-demo-model --adapter lmtune-demo-out" in (
+        out / "README.md").read_text()
+    # Not a terminal: plain progress lines, no tqdm bars, no library noise.
+    steps = re.findall(r"INFO lmtune: (step \d/3) \(", done.stderr)
+    assert steps == ["step 1/3", "step 2/3", "step 3/3"]
+    assert "INFO lmtune: eval at step 2/3" in done.stderr
+    for noise in ("it/s]", "Loading weights", "FutureWarning", "{'loss'"):
+        assert noise not in done.stderr + done.stdout, noise
+    events = list(out.glob("runs/*/events.out.tfevents.*"))
+    losses = []
+    for file in events:
+        accumulator = EventAccumulator(str(file))
+        accumulator.Reload()
+        if "train/loss" in accumulator.Tags()["scalars"]:
+            losses += [e.step for e in accumulator.Scalars("train/loss")]
+    assert losses == [1, 2, 3]
