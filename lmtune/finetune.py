@@ -13,13 +13,21 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import PreTrainedModel
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Seq2SeqTrainingArguments
 
 from lmtune.args import ParsedArgs, args_to_dict, config_to_argv, parse_args, validate_args
 from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import PreparedData, RenderSettings, prepare_data
+from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.report import build_data_report, estimate_steps, format_data_report
 from lmtune.errors import UnsupportedError
+from lmtune.evaluate.tasks import (
+    ROUGE,
+    TaskEvalSettings,
+    build_rouge_metrics,
+    check_task_evaluation,
+    run_task_evaluation,
+)
 from lmtune.export.model_card import write_run_summary
 from lmtune.model.adapters import AdapterSettings, apply_adapter, check_method_allowed
 from lmtune.model.load import (
@@ -66,7 +74,6 @@ def _with_device(args: ParsedArgs) -> ParsedArgs:
 def _not_yet(args: ParsedArgs) -> None:
     """Flags that parse but whose feature is not built yet fail clearly, before anything loads."""
     pending = {
-        "--do_lm_eval": args.finetune.do_lm_eval,
         "--streaming": args.data.streaming,
     }
     given = [flag for flag, on in pending.items() if on]
@@ -90,7 +97,7 @@ def _check_model_flags(args: ParsedArgs) -> None:
         check_quantization_backend(quant, check_device(args.finetune.device))
 
 
-def _prepare(args: ParsedArgs, tokenizer) -> PreparedData:
+def _prepare(args: ParsedArgs, tokenizer, *, seq2seq: bool) -> PreparedData:
     data, ft, training = args.data, args.finetune, args.training
     settings = RenderSettings(
         max_seq_length=data.max_seq_length, max_source_length=data.max_source_length,
@@ -104,7 +111,7 @@ def _prepare(args: ParsedArgs, tokenizer) -> PreparedData:
             train_split=data.train_split, validation_split=data.validation_split,
             validation_split_percentage=data.validation_split_percentage,
             max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
-            dataset_concatenation=data.dataset_concatenation, need_train=training.do_train,
+            dataset_concatenation=data.dataset_concatenation, seq2seq=seq2seq, need_train=training.do_train,
             need_validation=training.do_eval, settings=settings, seed=data.dataset_seed,
             cache_dir=args.model.cache_dir, token=args.model.token,
         )
@@ -172,6 +179,84 @@ def _build_model(args: ParsedArgs, config, tokenizer) -> tuple[PreTrainedModel, 
     return apply_adapter(model, settings, packed=args.data.dataset_concatenation), block_mask_dtype
 
 
+def _collator(args: ParsedArgs, tokenizer, *, seq2seq: bool, block_mask_dtype: torch.dtype | None):
+    """Seq2seq: pad inputs with the tokenizer's own pad id and labels with -100 (the model builds
+    ``decoder_input_ids`` from the labels, starting with its ``decoder_start_token_id``)."""
+    data_args = args.data
+    if seq2seq:
+        if data_args.pad_to_max_length:
+            return DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=data_args.max_source_length,
+                                          label_pad_token_id=IGNORE_INDEX)
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
+    collator = CausalLMCollator(
+        tokenizer.pad_token_id, max_length=data_args.max_seq_length if data_args.pad_to_max_length else None,
+        block_mask_dtype=block_mask_dtype,
+    )
+    if data_args.pad_to_max_length:
+        collator.pad_to_multiple_of = data_args.max_seq_length
+    return collator
+
+
+def _generated_rouge(args: ParsedArgs, model: PreTrainedModel, tokenizer):
+    """``--predict_with_generate --task summarization``: ROUGE of generated text at every evaluation.
+
+    Generation then runs with ``--max_target_length`` new tokens and ``--num_beams`` beams, unless
+    ``--generation_max_length`` / ``--generation_num_beams`` say otherwise (the model's own
+    generation config would stop T5 after 20 tokens).
+    """
+    training, data_args = args.training, args.data
+    if not (training.predict_with_generate and args.finetune.task == "summarization"):
+        return None
+    generation = model.generation_config
+    if training.generation_max_length is None:
+        generation.max_new_tokens = data_args.max_target_length
+    if training.generation_num_beams is None:
+        generation.num_beams = data_args.num_beams
+    return build_rouge_metrics(tokenizer)
+
+
+def _eval_settings(args: ParsedArgs) -> TaskEvalSettings:
+    data_args, ft, training = args.data, args.finetune, args.training
+    return TaskEvalSettings(
+        task=ft.task, do_eval=training.do_eval, do_lm_eval=ft.do_lm_eval, lm_eval_tasks=tuple(ft.lm_eval_tasks),
+        lm_eval_limit=ft.lm_eval_limit, truthfulqa_file=ft.truthfulqa_file,
+        max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length,
+        num_beams=data_args.num_beams, batch_size=ft.eval_generation_batch_size or training.per_device_eval_batch_size,
+        humaneval_file=ft.humaneval_file, humaneval_limit=ft.humaneval_limit,
+        humaneval_n_samples=ft.humaneval_n_samples, humaneval_temperature=ft.humaneval_temperature,
+        humaneval_top_p=ft.humaneval_top_p, humaneval_max_new_tokens=ft.humaneval_max_new_tokens,
+        skip_invalid_records=data_args.skip_invalid_records, cache_dir=args.model.cache_dir,
+    )
+
+
+def _evaluate(trainer, tokenizer, args: ParsedArgs, data: PreparedData) -> dict[str, Any]:
+    """Eval loss (all processes), then the task's own evaluations on the main process only.
+
+    ROUGE joins the ``eval_*`` metrics (eval_results.json); HumanEval and the ``--lm_eval_tasks``
+    benchmarks go to lm_eval_results.json; both reach all_results.json.
+    """
+    training = args.training
+    eval_metrics: dict[str, Any] = {}
+    if training.do_eval:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = len(data.validation)
+    benchmarks: dict[str, Any] = {}
+    if trainer.is_world_process_zero():
+        results = run_task_evaluation(
+            trainer.model, tokenizer, _eval_settings(args), validation_records=data.raw_validation,
+            output_dir=training.output_dir, skip=[ROUGE] if "eval_rouge1" in eval_metrics else [],
+        )
+        eval_metrics.update(results.eval)
+        benchmarks = results.benchmarks
+    if training.do_eval:
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    if benchmarks:
+        trainer.log_metrics("lm_eval", benchmarks)
+        trainer.save_metrics("lm_eval", benchmarks)
+    return {**eval_metrics, **benchmarks}
+
+
 def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     """Run one fine-tuning job as the arguments describe.
 
@@ -184,6 +269,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     validate_args(args)
     _not_yet(args)
     _check_model_flags(args)
+    check_task_evaluation(_eval_settings(args))
     check_report_to(args.training.report_to)
     apply_launcher_env()
     args = _with_device(args)
@@ -199,18 +285,14 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         model_args.model_name_or_path, config_name=model_args.config_name, revision=model_args.model_revision,
         token=model_args.token, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
     )
-    if is_seq2seq(config):
-        raise UnsupportedError(
-            f"{model_args.model_name_or_path} is an encoder-decoder ({config.model_type}); "
-            "seq2seq fine-tuning is not supported yet."
-        )
+    seq2seq = is_seq2seq(config)
     tokenizer = load_tokenizer(
         model_args.model_name_or_path, tokenizer_name=model_args.tokenizer_name,
         use_fast=model_args.use_fast_tokenizer, revision=model_args.model_revision, token=model_args.token,
         trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
         special_tokens=data_args.special_tokens, model_type=config.model_type,
     )
-    data = _prepare(args, tokenizer)
+    data = _prepare(args, tokenizer, seq2seq=seq2seq)
     if ft.dry_run:
         return _report_data(args, tokenizer, data)
     if training.process_index == 0:
@@ -218,16 +300,13 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
             clear_earlier_run(training.output_dir)
         write_run_args(training.output_dir, args_to_dict(args))
     model, block_mask_dtype = _build_model(args, config, tokenizer)
-    collator = CausalLMCollator(
-        tokenizer.pad_token_id, max_length=data_args.max_seq_length if data_args.pad_to_max_length else None,
-        block_mask_dtype=block_mask_dtype,
-    )
-    if data_args.pad_to_max_length:
-        collator.pad_to_multiple_of = data_args.max_seq_length
+    collator = _collator(args, tokenizer, seq2seq=seq2seq, block_mask_dtype=block_mask_dtype)
     stopper = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
+    seq2seq_trainer = seq2seq and isinstance(training, Seq2SeqTrainingArguments)
     trainer = build_trainer(
         model, tokenizer, training, train_dataset=data.train, eval_dataset=data.validation,
-        data_collator=collator, eval_ppl=ft.eval_ppl, callbacks=[stopper],
+        data_collator=collator, eval_ppl=ft.eval_ppl, callbacks=[stopper], seq2seq=seq2seq_trainer,
+        compute_metrics=_generated_rouge(args, model, tokenizer) if seq2seq_trainer else None,
     )
     install_progress(trainer)
     metrics: dict[str, Any] = {}
@@ -242,12 +321,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
         metrics.update(train_metrics)
-    if training.do_eval:
-        eval_metrics = trainer.evaluate()
-        eval_metrics["eval_samples"] = len(data.validation)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
+    metrics.update(_evaluate(trainer, tokenizer, args, data))
     if training.do_train and trainer.is_world_process_zero():
         write_run_summary(training.output_dir, trainer.state.log_history, world_size=training.world_size)
     return metrics

@@ -2,12 +2,14 @@
 
 One small subclass adds what the stock Trainer lacks: ``eval_ppl`` next to every
 ``eval_loss`` it logs (the reference monkeypatched ``Trainer.evaluate`` globally for that),
-and checkpoints written atomically (``train/checkpointing.py``).
+checkpoints written atomically (``train/checkpointing.py``), and a training loss that
+never materializes the batch's full logits (``train/loss.py``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from datasets import Dataset
@@ -21,16 +23,9 @@ from transformers import (
     TrainingArguments,
 )
 
+from lmtune.evaluate.perplexity import perplexity_from_loss
 from lmtune.train.checkpointing import AtomicCheckpointMixin
 from lmtune.train.loss import causal_lm_loss_sum
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), inf instead of an overflow error for a diverged run."""
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
 
 
 class PerplexityMixin:
@@ -41,7 +36,9 @@ class PerplexityMixin:
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.report_perplexity:
             for key in [k for k in logs if k.startswith("eval_") and k.endswith("loss")]:
-                logs[key[: -len("loss")] + "ppl"] = perplexity(logs[key])
+                # A NaN loss is logged as NaN perplexity: one bad evaluation must not end a long run.
+                loss = logs[key]
+                logs[key[: -len("loss")] + "ppl"] = math.nan if math.isnan(loss) else perplexity_from_loss(loss)
         super().log(logs, *args, **kwargs)
 
 
@@ -112,6 +109,7 @@ def build_trainer(
     callbacks: list[TrainerCallback] | None = None,
     eval_ppl: bool = True,
     seq2seq: bool = False,
+    compute_metrics: Callable | None = None,
 ) -> Trainer:
     """Assemble the Trainer; nothing is trained here.
 
@@ -124,7 +122,9 @@ def build_trainer(
         data_collator: Batches samples into tensors.
         callbacks: Extra callbacks (progress, signals, ...).
         eval_ppl: Report ``eval_ppl`` with ``eval_loss``.
-        seq2seq: Use ``Seq2SeqTrainer``.
+        seq2seq: Use ``Seq2SeqTrainer`` (needs ``Seq2SeqTrainingArguments``).
+        compute_metrics: Extra metrics from each evaluation's predictions (e.g. ROUGE of
+            generated text with ``--predict_with_generate``).
 
     Returns:
         The Trainer, ready for ``train()`` / ``evaluate()``.
@@ -138,6 +138,7 @@ def build_trainer(
         data_collator=data_collator,
         processing_class=tokenizer,
         callbacks=callbacks,
+        compute_metrics=compute_metrics,
     )
     trainer.report_perplexity = eval_ppl
     return trainer
