@@ -458,6 +458,11 @@ def validate_args(args: ParsedArgs) -> None:
         path = getattr(data, flag)
         if path and not path.endswith(DATA_SUFFIXES) and not Path(path).is_dir():
             problems.append(f"--{flag} {path}: unsupported file type; allowed: {', '.join(DATA_SUFFIXES)}")
+    if data.streaming and not data.dataset_name:
+        problems.append("--streaming reads a --dataset_name split as a stream; local files are read whole")
+    if data.streaming and data.validation_split_percentage:
+        problems.append("--validation_split_percentage cannot hold out a share of a stream; "
+                        "name a validation split with --validation_split")
     if training.do_train and not (data.dataset_name or data.train_file):
         problems.append("--do_train needs training data: --train_file or --dataset_name")
     if not 0 <= data.validation_split_percentage < 100:

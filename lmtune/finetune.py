@@ -20,7 +20,6 @@ from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import PreparedData, RenderSettings, prepare_data
 from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.report import build_data_report, estimate_steps, format_data_report
-from lmtune.errors import UnsupportedError
 from lmtune.evaluate.tasks import (
     ROUGE,
     TaskEvalSettings,
@@ -71,16 +70,6 @@ def _with_device(args: ParsedArgs) -> ParsedArgs:
     return args
 
 
-def _not_yet(args: ParsedArgs) -> None:
-    """Flags that parse but whose feature is not built yet fail clearly, before anything loads."""
-    pending = {
-        "--streaming": args.data.streaming,
-    }
-    given = [flag for flag, on in pending.items() if on]
-    if given:
-        raise UnsupportedError(f"{', '.join(given)}: not supported yet in lmtune {__import__('lmtune').__version__}.")
-
-
 def _quant_settings(args: ParsedArgs) -> QuantSettings | None:
     ft, training = args.finetune, args.training
     if not ft.qlora:
@@ -113,11 +102,11 @@ def _prepare(args: ParsedArgs, tokenizer, *, seq2seq: bool) -> PreparedData:
             max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
             dataset_concatenation=data.dataset_concatenation, seq2seq=seq2seq, need_train=training.do_train,
             need_validation=training.do_eval, settings=settings, seed=data.dataset_seed,
-            cache_dir=args.model.cache_dir, token=args.model.token,
+            cache_dir=args.model.cache_dir, token=args.model.token, streaming=data.streaming,
         )
 
 
-def _report_data(args: ParsedArgs, tokenizer, data: PreparedData) -> dict[str, Any]:
+def _report_data(args: ParsedArgs, tokenizer, data: PreparedData, *, seq2seq: bool) -> dict[str, Any]:
     """``--dry_run``: print what training would see, then stop before any weights load."""
     data_args, training = args.data, args.training
     steps = None if data.train is None else estimate_steps(
@@ -132,7 +121,8 @@ def _report_data(args: ParsedArgs, tokenizer, data: PreparedData) -> dict[str, A
         tokenizer, train=data.train, validation=data.validation, stats=data.stats, packing=data.packing,
         sources={"train": train_source, "validation": data_args.validation_file or held_out},
         max_seq_length=data_args.max_seq_length, dataset_concatenation=data_args.dataset_concatenation,
-        train_on_inputs=args.finetune.train_on_inputs, steps=steps,
+        train_on_inputs=args.finetune.train_on_inputs, steps=steps, seq2seq=seq2seq,
+        max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length,
     )
     if training.process_index == 0:
         print(format_data_report(report), flush=True)
@@ -267,7 +257,6 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         LmtuneError: for every problem a user can cause, before training where possible.
     """
     validate_args(args)
-    _not_yet(args)
     _check_model_flags(args)
     check_task_evaluation(_eval_settings(args))
     check_report_to(args.training.report_to)
@@ -294,7 +283,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     )
     data = _prepare(args, tokenizer, seq2seq=seq2seq)
     if ft.dry_run:
-        return _report_data(args, tokenizer, data)
+        return _report_data(args, tokenizer, data, seq2seq=seq2seq)
     if training.process_index == 0:
         if ft.overwrite_output_dir and checkpoint is None:
             clear_earlier_run(training.output_dir)

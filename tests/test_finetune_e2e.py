@@ -109,3 +109,15 @@ def test_module_entry_point_runs_in_a_subprocess(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "unknown flag --lora_rnk (did you mean --lora_rank?)" in result.stderr
+
+
+def test_hub_style_dataset_directory_and_streaming(tiny_llama_dir, shared_data, tmp_path):
+    hub = shared_data / "hub"
+    common = dict(model_name_or_path=str(tiny_llama_dir), do_train=True, max_steps=1, report_to="none",
+                  save_strategy="no", disable_tqdm=True, per_device_train_batch_size=4, max_train_samples=12)
+    code = finetune(output_dir=str(tmp_path / "code"), dataset_name=str(hub / "sahil2801" / "CodeAlpaca-20k"),
+                    task="code-generation", **common)
+    assert code["train_samples"] == 12
+    streamed = finetune(output_dir=str(tmp_path / "stream"), dataset_name=str(hub / "tatsu-lab" / "alpaca"),
+                        streaming=True, **common)
+    assert streamed["train_samples"] == 12

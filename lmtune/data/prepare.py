@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 
 import datasets
 from transformers import PreTrainedTokenizerBase
@@ -115,7 +116,16 @@ def _report(split: str, source: str, stats: RenderStats) -> None:
     log("%s (%s): %s.", split, source, stats.describe())
 
 
-def _head(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+def _head(dataset: datasets.Dataset | datasets.IterableDataset, limit: int | None) -> datasets.Dataset:
+    """The first ``limit`` records; a streamed split is read only that far."""
+    if isinstance(dataset, datasets.IterableDataset):
+        if limit is None:
+            logger.warning("--streaming without --max_train_samples/--max_eval_samples reads the whole stream; "
+                           "every record is checked and tokenized before training starts.")
+        records = list(islice(dataset, limit))
+        if not records:
+            raise ConfigError("the streamed split holds no records.")
+        return datasets.Dataset.from_list(records)
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
@@ -140,11 +150,13 @@ def prepare_data(
     seed: int = 42,
     cache_dir: str | None = None,
     token: str | None = None,
+    streaming: bool = False,
 ) -> PreparedData:
     """Load, check, tokenize and (optionally) pack the train and validation data.
 
     ``max_train_samples``/``max_eval_samples`` keep the first N records (before packing).
     ``seq2seq`` renders for an encoder-decoder model (``lmtune.data.seq2seq``).
+    ``streaming`` reads a ``--dataset_name`` split as a stream, only as far as the limits say.
 
     Raises:
         ConfigError: for an unsupported task, packing asked for a seq2seq model, or when
@@ -161,7 +173,7 @@ def prepare_data(
         train_file=train_file, validation_file=validation_file, dataset_name=dataset_name,
         dataset_config_name=dataset_config_name, train_split=train_split, validation_split=validation_split,
         validation_split_percentage=validation_split_percentage, seed=seed, cache_dir=cache_dir, token=token,
-        skip_invalid=settings.skip_invalid_records,
+        skip_invalid=settings.skip_invalid_records, streaming=streaming,
     )
     if need_validation and "validation" not in splits:
         raise ConfigError(

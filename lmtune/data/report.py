@@ -47,6 +47,10 @@ class SplitReport:
     eos_supervised: int
     rows: int
     packing_efficiency: float | None = None
+    # Seq2seq only: the decoder targets (the numbers above then describe the encoder sources).
+    min_target_tokens: int | None = None
+    median_target_tokens: float | None = None
+    max_target_tokens: int | None = None
 
     @property
     def supervised_share(self) -> float:
@@ -73,6 +77,9 @@ class DataReport:
     max_seq_length: int
     dataset_concatenation: bool
     train_on_inputs: bool
+    seq2seq: bool = False
+    max_source_length: int | None = None
+    max_target_length: int | None = None
 
     def to_metrics(self) -> dict[str, float | int]:
         """Flat numbers (``dry_run_<split>_<name>``), returned by a dry run instead of training metrics."""
@@ -131,20 +138,24 @@ def iter_samples(dataset: datasets.Dataset) -> Iterator[tuple[int, list[int], li
             row += 1
 
 
-def _measure(dataset: datasets.Dataset, split: str, eos_id: int | None) -> tuple[list[int], int, int]:
-    """Sample lengths, supervised tokens and samples with a supervised final EOS.
+def _measure(dataset: datasets.Dataset, split: str, eos_id: int | None
+             ) -> tuple[list[int], list[int], int, int]:
+    """Input lengths, label lengths, supervised tokens and samples whose labels end in a supervised EOS.
+
+    For a causal LM labels align with inputs; for seq2seq they are the decoder's own sequence.
 
     Raises:
         DataFormatError: when no token at all is supervised, or some sample has none.
     """
-    lengths, supervised, eos_supervised, empty = [], 0, 0, []
+    lengths, label_lengths, supervised, eos_supervised, empty = [], [], 0, 0, []
     for row, ids, labels in iter_samples(dataset):
         count = sum(label != IGNORE_INDEX for label in labels)
         if count == 0:
             empty.append((len(lengths), row))
         lengths.append(len(ids))
+        label_lengths.append(len(labels))
         supervised += count
-        eos_supervised += bool(ids) and ids[-1] == eos_id and labels[-1] != IGNORE_INDEX
+        eos_supervised += bool(labels) and labels[-1] == eos_id
     if not lengths:
         raise DataFormatError(f"the {split} data has no samples after preparation; nothing to train or evaluate on.")
     if supervised == 0:
@@ -159,15 +170,15 @@ def _measure(dataset: datasets.Dataset, split: str, eos_id: int | None) -> tuple
             f"{len(empty)} sample(s) in all: they teach nothing and a batch of them has no loss. Fix those "
             "records' responses or raise --max_seq_length."
         )
-    return lengths, supervised, eos_supervised
+    return lengths, label_lengths, supervised, eos_supervised
 
 
 def _split_report(
     split: str, source: str, dataset: datasets.Dataset, stats: RenderStats, eos_id: int | None,
-    packing: PackingStats | None,
+    packing: PackingStats | None, seq2seq: bool,
 ) -> SplitReport:
-    lengths, supervised, eos_supervised = _measure(dataset, split, eos_id)
-    return SplitReport(
+    lengths, targets, supervised, eos_supervised = _measure(dataset, split, eos_id)
+    report = SplitReport(
         split=split, source=source, records=stats.kept + stats.dropped_long_prompt, kept=stats.kept,
         dropped_long_prompt=stats.dropped_long_prompt, tokens=sum(lengths), min_tokens=min(lengths),
         median_tokens=statistics.median(lengths), max_tokens=max(lengths), truncated=stats.truncated,
@@ -175,6 +186,11 @@ def _split_report(
         supervised_tokens=supervised, eos_supervised=eos_supervised, rows=len(dataset),
         packing_efficiency=packing.efficiency if packing is not None else None,
     )
+    if seq2seq:
+        report.tokens += sum(targets)
+        report.min_target_tokens, report.max_target_tokens = min(targets), max(targets)
+        report.median_target_tokens = statistics.median(targets)
+    return report
 
 
 def mark_supervised(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[int], labels: Sequence[int]) -> str:
@@ -192,11 +208,22 @@ def mark_supervised(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[int]
                                 clean_up_tokenization_spaces=False)
         parts.append(f"{OPEN_MARK}{text}{CLOSE_MARK}" if labels[start] != IGNORE_INDEX else text)
         start = end
-    text = "".join(parts)
-    if len(text) > MAX_SAMPLE_CHARS:
-        half = MAX_SAMPLE_CHARS // 2
-        text = f"{text[:half]}\n[... {len(text) - 2 * half} characters not shown ...]\n{text[-half:]}"
-    return text
+    return _shorten("".join(parts))
+
+
+def _shorten(text: str) -> str:
+    if len(text) <= MAX_SAMPLE_CHARS:
+        return text
+    half = MAX_SAMPLE_CHARS // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters not shown ...]\n{text[-half:]}"
+
+
+def mark_seq2seq(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[int], labels: Sequence[int]) -> str:
+    """Decode one encoder-decoder sample: the source as the encoder reads it, the target between ``[[ ]]``."""
+    source = tokenizer.decode(list(input_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    target = tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=False,
+                              clean_up_tokenization_spaces=False)
+    return _shorten(f"source (encoder input):\n{source}\ntarget (decoder labels):\n{OPEN_MARK}{target}{CLOSE_MARK}")
 
 
 def build_data_report(
@@ -211,6 +238,9 @@ def build_data_report(
     dataset_concatenation: bool = False,
     train_on_inputs: bool = False,
     steps: StepsEstimate | None = None,
+    seq2seq: bool = False,
+    max_source_length: int | None = None,
+    max_target_length: int | None = None,
 ) -> DataReport:
     """Measure the prepared data and check its loss mask.
 
@@ -225,6 +255,9 @@ def build_data_report(
         dataset_concatenation: ``--dataset_concatenation``.
         train_on_inputs: ``--train_on_inputs``.
         steps: The optimizer-step estimate (``estimate_steps``) for the train rows.
+        seq2seq: Encoder-decoder samples (``input_ids`` the source, ``labels`` the target).
+        max_source_length: ``--max_source_length`` (seq2seq).
+        max_target_length: ``--max_target_length`` (seq2seq).
 
     Returns:
         The report; ``format_data_report`` renders it.
@@ -242,32 +275,47 @@ def build_data_report(
             continue
         split_packing = packing if split == "train" else None
         splits.append(_split_report(split, sources.get(split, ""), dataset, stats[split], tokenizer.eos_token_id,
-                                    split_packing))
+                                    split_packing, seq2seq))
         if sample_text is None:
             _, ids, labels = next(iter_samples(dataset))
-            sample_text = mark_supervised(tokenizer, ids, labels)
+            sample_text = (mark_seq2seq if seq2seq else mark_supervised)(tokenizer, ids, labels)
     return DataReport(splits=splits, steps=steps, sample_text=sample_text, max_seq_length=max_seq_length,
-                      dataset_concatenation=dataset_concatenation, train_on_inputs=train_on_inputs)
+                      dataset_concatenation=dataset_concatenation, train_on_inputs=train_on_inputs,
+                      seq2seq=seq2seq, max_source_length=max_source_length, max_target_length=max_target_length)
 
 
 def _median(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
-def _split_lines(report: SplitReport, max_seq_length: int, concatenation: bool) -> list[str]:
-    lines = [f"{report.split} data: {report.source}"]
-    dropped = (f", {report.dropped_long_prompt} dropped (the prompt alone fills --max_seq_length {max_seq_length})"
-               if report.dropped_long_prompt else ", none dropped")
-    lines.append(f"  records     {report.records} read, {report.kept} kept{dropped}")
-    lines.append(f"  tokens      {report.tokens} in all; per sample min {report.min_tokens}, "
-                 f"median {_median(report.median_tokens)}, max {report.max_tokens}")
+def _token_lines(report: SplitReport, limits: DataReport) -> list[str]:
+    """The records, tokens and truncated lines; seq2seq names its source and target limits."""
+    if limits.seq2seq:
+        drop_rule = f"the source is longer than --max_source_length {limits.max_source_length}"
+        cut_rule = f"target(s) longer than --max_target_length {limits.max_target_length}"
+        lengths = (f"source per sample min {report.min_tokens}, median {_median(report.median_tokens)}, "
+                   f"max {report.max_tokens}; target min {report.min_target_tokens}, "
+                   f"median {_median(report.median_target_tokens)}, max {report.max_target_tokens}")
+    else:
+        drop_rule = f"the prompt alone fills --max_seq_length {limits.max_seq_length}"
+        cut_rule = f"sample(s) longer than --max_seq_length {limits.max_seq_length}"
+        lengths = (f"per sample min {report.min_tokens}, median {_median(report.median_tokens)}, "
+                   f"max {report.max_tokens}")
+    dropped = f", {report.dropped_long_prompt} dropped ({drop_rule})" if report.dropped_long_prompt else ", none dropped"
+    lines = [f"  records     {report.records} read, {report.kept} kept{dropped}",
+             f"  tokens      {report.tokens} in all; {lengths}"]
     if report.truncated:
         amount = (f", {report.truncated_tokens} tokens cut (at most {report.max_truncated_tokens} from one sample)"
                   if report.truncated_tokens else "")
-        lines.append(f"  truncated   {report.truncated} sample(s) longer than --max_seq_length "
-                     f"{max_seq_length}{amount}")
+        lines.append(f"  truncated   {report.truncated} {cut_rule}{amount}")
     else:
-        lines.append(f"  truncated   none (every sample fits --max_seq_length {max_seq_length})")
+        lines.append(f"  truncated   none (every sample fits {cut_rule.split(' longer than ')[1]})")
+    return lines
+
+
+def _split_lines(report: SplitReport, limits: DataReport) -> list[str]:
+    lines = [f"{report.split} data: {report.source}", *_token_lines(report, limits)]
+    max_seq_length, concatenation = limits.max_seq_length, limits.dataset_concatenation
     lines.append(f"  supervised  {report.supervised_tokens} tokens, {report.supervised_share:.1%} of all "
                  "(the loss is computed on these)")
     if report.eos_supervised == report.kept:
@@ -278,7 +326,7 @@ def _split_lines(report: SplitReport, max_seq_length: int, concatenation: bool) 
     if report.packing_efficiency is not None:
         lines.append(f"  packing     {report.kept} samples in {report.rows} rows of {max_seq_length} tokens: "
                      f"{report.packing_efficiency:.1%} of row slots hold tokens (--dataset_concatenation)")
-    elif report.split == "train" and not concatenation:
+    elif report.split == "train" and not concatenation and not limits.seq2seq:
         lines.append("  packing     off: each batch is padded to its longest sample (--dataset_concatenation "
                      "packs samples into full rows)")
     return lines
@@ -296,13 +344,14 @@ def format_data_report(report: DataReport) -> str:
     """The report as the user reads it."""
     lines = ["lmtune dry run: the data as training would see it (no weights loaded, nothing trained)", ""]
     for split in report.splits:
-        lines += _split_lines(split, report.max_seq_length, report.dataset_concatenation) + [""]
+        lines += _split_lines(split, report) + [""]
     if report.steps is not None:
         lines += [_steps_line(report.steps),
                   "              (global batch = per-device batch x processes x --gradient_accumulation_steps)",
                   ""]
     if report.sample_text is not None:
         inputs = "prompt and response" if report.train_on_inputs else "response"
+        inputs = "target" if report.seq2seq else inputs
         lines += [f"first sample, decoded; {OPEN_MARK} {CLOSE_MARK} mark the supervised tokens (the {inputs}):",
                   report.sample_text]
     return "\n".join(lines)
@@ -310,5 +359,5 @@ def format_data_report(report: DataReport) -> str:
 
 __all__ = [
     "DataReport", "SplitReport", "StepsEstimate", "build_data_report", "estimate_steps", "format_data_report",
-    "iter_samples", "mark_supervised",
+    "iter_samples", "mark_seq2seq", "mark_supervised",
 ]
