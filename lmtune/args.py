@@ -9,6 +9,7 @@ Every cross-field check lives in ``validate_args`` and runs before anything load
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import logging
@@ -372,6 +373,42 @@ def parse_args(argv: list[str] | None = None, *, seq2seq: bool = False) -> Parse
     if model.use_auth_token:
         logger.warning("--use_auth_token is deprecated and ignored; pass --token instead.")
     return ParsedArgs(model, data, finetune, training)
+
+
+@dataclass(frozen=True)
+class ProcessFlags:
+    """The flags a process acts on before ``TrainingArguments`` exists (``train.distributed.setup_process``)."""
+
+    device: str = "auto"
+    use_habana: bool = False
+    use_lazy_mode: bool = False
+    ddp_backend: str | None = None
+    ddp_timeout: int = 1800
+
+
+def parse_process_flags(argv: list[str]) -> ProcessFlags:
+    """Read ``--device``, the Habana flags, ``--ddp_backend`` and ``--ddp_timeout`` alone.
+
+    Building ``TrainingArguments`` starts accelerate (under a launcher, its process group),
+    so a process must check its device, map its launcher's environment and start a ``ccl``
+    group before :func:`parse_args`; these flags say how. Every other flag, and every
+    unknown one, is left for :func:`parse_args` to check and report.
+
+    Raises:
+        ConfigError: an unreadable config file.
+    """
+    argv = _expand_config(list(argv))
+    parser = HfArgumentParser(FinetuneArguments, allow_abbrev=False, exit_on_error=False)
+    try:
+        (finetune, _) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except argparse.ArgumentError:  # a bad value: parse_args reports it, with the full usage
+        return ProcessFlags()
+    backend = "ccl" if finetune.use_oneccl else _flag_value(argv, "--ddp_backend")
+    timeout = _flag_value(argv, "--ddp_timeout") or ""
+    return ProcessFlags(
+        device=finetune.device, use_habana=finetune.use_habana, use_lazy_mode=finetune.use_lazy_mode,
+        ddp_backend=backend, ddp_timeout=int(timeout) if timeout.isdigit() else 1800,
+    )
 
 
 def args_to_dict(args: ParsedArgs) -> dict[str, dict[str, Any]]:

@@ -20,6 +20,7 @@ EXIT_BUG = 1
 
 def _finetune(argv: list[str], seq2seq: bool | None) -> int:
     from lmtune.finetune import parse_for_model, run_finetune
+    from lmtune.train.distributed import is_main_process
 
     if any(a in ("-h", "--help") for a in argv):
         from lmtune.args import build_parser
@@ -28,9 +29,15 @@ def _finetune(argv: list[str], seq2seq: bool | None) -> int:
         return 0
     metrics = run_finetune(parse_for_model(argv, seq2seq=seq2seq))
     loss = metrics.get("train_loss")
-    if loss is not None:
+    if loss is not None and is_main_process():  # one line per job, not one per rank
         print(f"lmtune: training loss {loss:.4f}")
     return 0
+
+
+def _launch(argv: list[str]) -> int:
+    from lmtune.launch import main as launch_main
+
+    return launch_main(argv, prog="lmtune launch")
 
 
 def _quickstart(argv: list[str]) -> int:
@@ -73,6 +80,16 @@ def _chat(argv: list[str]) -> int:
     return run_chat(parse_chat_args(argv))
 
 
+def _eval(argv: list[str]) -> int:
+    from lmtune.evaluate.command import build_eval_parser, parse_eval_args, run_eval
+
+    if any(a in ("-h", "--help") for a in argv):
+        build_eval_parser().print_help()
+        return 0
+    run_eval(parse_eval_args(argv))
+    return 0
+
+
 def _merge(argv: list[str]) -> int:
     from lmtune.export.merge import build_merge_parser, merge_adapter, parse_merge_args
 
@@ -109,8 +126,10 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "finetune": (lambda argv: _finetune(argv, None), "fine-tune a model (causal or seq2seq, from its config)"),
     "quickstart": (_quickstart, "fine-tune lmtune's embedded small model on its sample data"),
     "chat": (_chat, "talk to a model (+ adapter) in the chat format it was trained with"),
+    "eval": (_eval, "evaluate a model (+ adapter): ROUGE, HumanEval, TruthfulQA, lm-eval tasks, perplexity"),
     "merge": (_merge, "fold a LoRA/IA3 adapter into its base model and save a plain transformers model"),
     "convert": (_convert, "turn a llama2.c checkpoint into a transformers model directory"),
+    "launch": (_launch, "run finetune_clm/finetune_seq2seq on N processes via torchrun, mpirun or deepspeed"),
 }
 
 

@@ -78,10 +78,12 @@ def default_demo_dir() -> Path:
     """Return where the quick start caches the demo model.
 
     Returns:
-        ``$LMTUNE_HOME/demo-model``, with ``LMTUNE_HOME`` defaulting to ``~/.cache/lmtune``.
+        ``$LMTUNE_HOME/demo-model-v<recipe>``, with ``LMTUNE_HOME`` defaulting to ``~/.cache/lmtune``.
+        The recipe version is in the name so that an upgraded lmtune builds its new demo beside
+        an old one instead of refusing to touch it.
     """
     home = os.environ.get("LMTUNE_HOME") or Path.home() / ".cache" / "lmtune"
-    return Path(home).expanduser() / "demo-model"
+    return Path(home).expanduser() / f"demo-model-v{_RECIPE_VERSION}"
 
 
 def build_demo_tokenizer(

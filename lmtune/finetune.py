@@ -15,11 +15,19 @@ import torch
 import transformers
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Seq2SeqTrainingArguments
 
-from lmtune.args import ParsedArgs, args_to_dict, config_to_argv, parse_args, validate_args
+from lmtune.args import (
+    ParsedArgs,
+    args_to_dict,
+    config_to_argv,
+    parse_args,
+    parse_process_flags,
+    validate_args,
+)
 from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import PreparedData, RenderSettings, prepare_data
 from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.report import build_data_report, estimate_steps, format_data_report
+from lmtune.data.shared_cache import load_prepared, prepared_cache_dir, save_prepared
 from lmtune.evaluate.tasks import (
     ROUGE,
     TaskEvalSettings,
@@ -37,8 +45,9 @@ from lmtune.model.load import (
     load_tokenizer,
     resolve_dtype,
 )
-from lmtune.train.distributed import apply_launcher_env, check_device
+from lmtune.train.distributed import check_device, setup_process
 from lmtune.train.checkpointing import StopOnSignal
+from lmtune.train.cpu import check_bf16
 from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir, write_run_args
 from lmtune.model.quantize import (
     QuantSettings,
@@ -70,6 +79,27 @@ def _with_device(args: ParsedArgs) -> ParsedArgs:
     return args
 
 
+def _check_cpu_bf16(args: ParsedArgs) -> ParsedArgs:
+    """On a CPU, keep ``--bf16`` only where bf16 matrix multiplies beat float32 (``train/cpu.py``).
+
+    Without AMX or AVX512-BF16, PyTorch emulates bf16 and training runs many times slower,
+    so the run trains in float32 instead and says so. Ranks of a distributed run decide
+    from the CPU flags alone, so that they all decide the same.
+    """
+    training = args.training
+    if not training.use_cpu or args.finetune.qlora:
+        return args
+    check = check_bf16(measure=False)
+    if training.world_size == 1 and (training.bf16 or check.helps):  # timing costs about a second
+        check = check_bf16(measure=True)
+    notice = check.notice(requested=training.bf16)
+    if notice and training.process_index == 0:
+        logger.warning(notice)
+    if training.bf16 and not check.helps:
+        args.training = dataclasses.replace(training, bf16=False)
+    return args
+
+
 def _quant_settings(args: ParsedArgs) -> QuantSettings | None:
     ft, training = args.finetune, args.training
     if not ft.qlora:
@@ -93,17 +123,26 @@ def _prepare(args: ParsedArgs, tokenizer, *, seq2seq: bool) -> PreparedData:
         max_target_length=data.max_target_length, train_on_inputs=ft.train_on_inputs,
         skip_invalid_records=data.skip_invalid_records, chat_template=ft.chat_template,
     )
+    inputs = dict(
+        task=ft.task, train_file=data.train_file, validation_file=data.validation_file,
+        dataset_name=data.dataset_name, dataset_config_name=data.dataset_config_name,
+        train_split=data.train_split, validation_split=data.validation_split,
+        validation_split_percentage=data.validation_split_percentage,
+        max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
+        dataset_concatenation=data.dataset_concatenation, seq2seq=seq2seq, need_train=training.do_train,
+        need_validation=training.do_eval, settings=settings, seed=data.dataset_seed,
+        cache_dir=args.model.cache_dir, token=args.model.token, streaming=data.streaming,
+    )
+    if training.world_size == 1:
+        return prepare_data(tokenizer, **inputs)
+    # Each node's local rank 0 prepares and saves the data; the node's other ranks wait, then read it.
+    path = prepared_cache_dir(data.dataset_cache_directory, tokenizer, inputs)
     with training.main_process_first(desc="data preparation"):
-        return prepare_data(
-            tokenizer, task=ft.task, train_file=data.train_file, validation_file=data.validation_file,
-            dataset_name=data.dataset_name, dataset_config_name=data.dataset_config_name,
-            train_split=data.train_split, validation_split=data.validation_split,
-            validation_split_percentage=data.validation_split_percentage,
-            max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
-            dataset_concatenation=data.dataset_concatenation, seq2seq=seq2seq, need_train=training.do_train,
-            need_validation=training.do_eval, settings=settings, seed=data.dataset_seed,
-            cache_dir=args.model.cache_dir, token=args.model.token, streaming=data.streaming,
-        )
+        if training.local_process_index == 0:
+            prepared = prepare_data(tokenizer, **inputs)
+            save_prepared(prepared, path)
+            return prepared
+        return load_prepared(path)
 
 
 def _report_data(args: ParsedArgs, tokenizer, data: PreparedData, *, seq2seq: bool) -> dict[str, Any]:
@@ -260,10 +299,11 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     _check_model_flags(args)
     check_task_evaluation(_eval_settings(args))
     check_report_to(args.training.report_to)
-    apply_launcher_env()
     args = _with_device(args)
     model_args, data_args, ft, training = args.model, args.data, args.finetune, args.training
     _configure_logging(training)
+    args = _check_cpu_bf16(args)
+    training = args.training
     transformers.set_seed(training.seed)
     with training.main_process_first(desc="output directory"):
         checkpoint = None if ft.dry_run else prepare_output_dir(  # a dry run leaves --output_dir alone
@@ -335,7 +375,19 @@ def finetune(*, seq2seq: bool | None = None, **kwargs: Any) -> dict[str, Any]:
 
 
 def parse_for_model(argv: list[str], *, seq2seq: bool | None = None) -> ParsedArgs:
-    """Parse argv with the TrainingArguments class that fits the model (seq2seq or causal)."""
+    """Set this process up, then parse argv with the TrainingArguments class that fits the model.
+
+    Building ``TrainingArguments`` starts accelerate, and under torchrun or mpirun the process
+    group, so the device check, the launcher's environment and a ``ccl`` group come first
+    (``setup_process``): a Gaudi command line without Habana's software stops before anything loads.
+    """
+    flags = parse_process_flags(argv)
+    info = setup_process(
+        flags.device, use_habana=flags.use_habana, use_lazy_mode=flags.use_lazy_mode,
+        ddp_backend=flags.ddp_backend, ddp_timeout=flags.ddp_timeout,
+    )
+    if info.rank != 0:  # one copy of the argument notices, not one per rank
+        logging.getLogger("lmtune").setLevel(logging.ERROR)
     args = parse_args(argv, seq2seq=bool(seq2seq))
     if seq2seq is None and args.model.model_name_or_path:
         config = load_config(

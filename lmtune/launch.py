@@ -256,12 +256,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises ConfigError instead of exiting, so main() reports it once."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{message}. Fix: python -m lmtune.launch --help lists the flags.")
+        raise ConfigError(f"{message}. Fix: {self.prog} --help lists the flags.")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(prog: str = "python -m lmtune.launch") -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="python -m lmtune.launch",
+        prog=prog,
         description="Start an lmtune entry point on several processes (lmtune's gaudi_spawn.py).",
         allow_abbrev=False,
     )
@@ -299,13 +299,13 @@ def first_host(hostfile: str) -> str:
     raise ConfigError(f"--hostfile {hostfile!r} lists no host. Fix: one node address per line, node 0 first.")
 
 
-def parse_launch_args(argv: list[str] | None = None) -> LaunchArgs:
-    """Parse ``python -m lmtune.launch`` arguments, filling defaults from the environment.
+def parse_launch_args(argv: list[str] | None = None, prog: str = "python -m lmtune.launch") -> LaunchArgs:
+    """Parse ``python -m lmtune.launch`` (``lmtune launch``) arguments, filling defaults from the environment.
 
     Raises:
         ConfigError: Bad or conflicting flags, a bad MASTER_PORT, or an empty hostfile.
     """
-    ns = _build_parser().parse_args(argv)
+    ns = _build_parser(prog).parse_args(argv)
     mode: Mode = "mpi" if ns.use_mpi else "deepspeed" if ns.use_deepspeed else "torchrun"
     master_addr = ns.master_addr or os.environ.get("MASTER_ADDR") or None
     if master_addr is None and mode == "mpi" and ns.hostfile and os.path.isfile(ns.hostfile):
@@ -321,18 +321,27 @@ def parse_launch_args(argv: list[str] | None = None) -> LaunchArgs:
                       master_addr, master_port, ns.hostfile)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _name(prog: str) -> str:
+    """``python -m lmtune.launch`` → ``lmtune.launch``: the prefix of this command's messages."""
+    return prog.removeprefix("python -m ")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m lmtune.launch") -> int:
     """Build the launcher command, print it, run it and return its exit code.
+
+    Args:
+        argv: Arguments without the program name; ``sys.argv[1:]`` when None.
+        prog: The command's name in messages (``lmtune launch`` from the CLI).
 
     Returns:
         The launcher's exit code; 2 when the arguments are wrong or the launcher
         is missing (the message goes to stderr); 128+N when killed by signal N.
     """
     try:
-        args = parse_launch_args(argv)
+        args = parse_launch_args(argv, prog)
         command = build_launch_command(**asdict(args))
     except LmtuneError as err:
-        print(f"lmtune.launch: error: {err}", file=sys.stderr)
+        print(f"{_name(prog)}: error: {err}", file=sys.stderr)
         return 2
     env = dict(os.environ)
     prefix = ""
@@ -341,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = threads_per_rank(args.world_size // args.nnodes)
         env["OMP_NUM_THREADS"] = str(threads)
         prefix = f"OMP_NUM_THREADS={threads} "
-    print(f"lmtune.launch: running: {prefix}{shlex.join(command)}", flush=True)
+    print(f"{_name(prog)}: running: {prefix}{shlex.join(command)}", flush=True)
     returncode = subprocess.run(command, env=env, check=False).returncode
     return 128 - returncode if returncode < 0 else returncode
 

@@ -196,8 +196,8 @@ def test_lora_teaches_the_converted_model_a_new_style(converted, tmp_path, train
     assert after["eval_loss"] < before["eval_loss"] - 0.5, (before["eval_loss"], after["eval_loss"])
     # The trained model's base weights are still the checkpoint's, bit for bit; only LoRA moved.
     trained = trainer_spy[-1].model
-    base_now = {name.replace("base_model.model.", "").replace(".base_layer", ""): p.detach()
-                for name, p in trained.named_parameters() if "lora_" not in name}
+    base_now = {name.replace(".base_layer", ""): p.detach()
+                for name, p in trained.get_base_model().named_parameters() if not p.requires_grad}
     assert set(base_before) <= set(base_now)
     assert all(torch.equal(base_before[k], base_now[k]) for k in base_before)
     lora = [p for name, p in trained.named_parameters() if "lora_B" in name]

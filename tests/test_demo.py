@@ -267,10 +267,10 @@ def test_default_demo_dir_follows_lmtune_home(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LMTUNE_HOME", str(tmp_path / "home"))
-    assert default_demo_dir() == tmp_path / "home" / "demo-model"
+    assert default_demo_dir() == tmp_path / "home" / "demo-model-v2"
     monkeypatch.delenv("LMTUNE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert default_demo_dir() == tmp_path / ".cache" / "lmtune" / "demo-model"
+    assert default_demo_dir() == tmp_path / ".cache" / "lmtune" / "demo-model-v2"
 
 
 # --- training -----------------------------------------------------------------

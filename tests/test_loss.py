@@ -194,7 +194,8 @@ def test_prompt_tuning_and_unknown_heads_fall_back_to_the_stock_loss():
 
 
 _TINY = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 @pytest.mark.parametrize("model_type", sorted(PLAIN_HEAD_MODEL_TYPES))

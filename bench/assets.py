@@ -1,0 +1,116 @@
+"""What every benchmark run shares: the model (random weights, saved once), the tokenizer, the records.
+
+The model is a LLaMA-architecture network built from a config, with LLaMA's real 32000-piece
+SentencePiece tokenizer from ``../shared/data/tokenizers``; weights are random (no pretrained
+checkpoint of this size is reachable here), seeded, and cached so every variant and every
+repeat loads the very same file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT.parent / "shared" / "data"
+ALPACA = SHARED_DATA / "alpaca" / "alpaca_data_first2000.json"
+LLAMA_TOKENIZER = SHARED_DATA / "tokenizers" / "llama2c_tokenizer.model"
+
+_BODY = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+             intermediate_size=2048, max_position_embeddings=2048, rms_norm_eps=1e-5)
+MODEL_PRESETS: dict[str, dict] = {
+    # The issue's model: ~134M parameters, LLaMA-2's vocabulary, untied head.
+    "llama-134m": dict(_BODY, vocab_size=32000, tie_word_embeddings=False),
+    # The same body with Gemma's 256K vocabulary and tied head (~282M): the logits-memory case.
+    "gemma-like-256k": dict(_BODY, vocab_size=256000, tie_word_embeddings=True),
+    # A small model for a smoke run of the script (minutes even where bf16 is emulated).
+    "llama-small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=688, max_position_embeddings=2048, vocab_size=32000,
+                        tie_word_embeddings=False),
+}
+_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": False,
+    "model_max_length": 2048,
+}
+_PROBE = "Below is an instruction that describes a task.\n\n### Response:\nThe capital of France is Paris."
+
+
+class MissingDataError(RuntimeError):
+    """The shared data folder (records or tokenizer) is not beside the project."""
+
+
+def require_shared_data() -> None:
+    """Raise with a clear message when ``../shared/data`` lacks what the benchmark reads."""
+    missing = [str(p) for p in (ALPACA, LLAMA_TOKENIZER) if not p.is_file()]
+    if missing:
+        raise MissingDataError(
+            f"benchmark skipped: {', '.join(missing)} not found. The benchmark reads the real Alpaca "
+            f"records and LLaMA tokenizer from {SHARED_DATA} (../shared/data beside the project)."
+        )
+
+
+def check_tokenizer(directory: Path) -> None:
+    """transformers must load LLaMA's SentencePiece model as LLaMA does: 32000 pieces, BOS added, no EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    ids = tokenizer(_PROBE).input_ids
+    problems = []
+    if len(tokenizer) != 32000 or (tokenizer.bos_token_id, tokenizer.eos_token_id) != (1, 2):
+        problems.append(f"{len(tokenizer)} pieces, bos {tokenizer.bos_token_id}, eos {tokenizer.eos_token_id}")
+    if ids[0] != 1 or ids[-1] == 2:
+        problems.append(f"special tokens: {ids[:2]}...{ids[-2:]}")
+    try:
+        import sentencepiece
+
+        reference = [1] + sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).encode(
+            _PROBE
+        )
+        if ids != reference:
+            problems.append(f"ids differ from sentencepiece: {ids} vs {reference}")
+    except ImportError:
+        pass
+    if problems:
+        raise RuntimeError(f"tokenizer in {directory} does not load as LLaMA's: {'; '.join(problems)}")
+
+
+def build_model_dir(preset: str, cache_dir: Path) -> Path:
+    """The preset's random-weight model and the LLaMA tokenizer in one directory, built once."""
+    directory = cache_dir / preset
+    if (directory / "model.safetensors").is_file() and (directory / "tokenizer_config.json").is_file():
+        return directory
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(LLAMA_TOKENIZER, directory / "tokenizer.model")
+    (directory / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=1), encoding="utf-8")
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps({k: _TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token")}), encoding="utf-8"
+    )
+    check_tokenizer(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=None, **MODEL_PRESETS[preset])
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def write_records(count: int, work_dir: Path) -> tuple[Path, int]:
+    """The first ``count`` Alpaca records with a non-empty output, as a JSON file every variant reads.
+
+    Records with an empty output are left out for all variants alike: lmtune rejects them
+    (nothing to learn) unless --skip_invalid_records is given; the reference trains on EOS alone.
+
+    Returns:
+        The file (its name contains "alpaca", which the reference's template gate needs) and
+        how many records were left out.
+    """
+    records = json.loads(ALPACA.read_text(encoding="utf-8"))
+    usable = [r for r in records if r.get("output", "").strip()]
+    chosen = usable[:count]
+    left_out = sum(1 for r in records[: records.index(chosen[-1]) + 1] if not r.get("output", "").strip())
+    path = work_dir / f"alpaca_bench_{count}.json"
+    path.write_text(json.dumps(chosen, ensure_ascii=False), encoding="utf-8")
+    return path, left_out

@@ -1,0 +1,179 @@
+"""CPU fine-tuning benchmark: the reference's fast path against lmtune, side by side, on this machine.
+
+Every run trains the same model on the same Alpaca records for one epoch, in its own
+process, and the variants alternate (A B C A B C ...) so that machine drift hits them alike.
+Printed per variant: whole-process wall time (imports and data preparation included),
+dataset tokens per second, peak RSS, training loss, and steady-state model FLOP/s as a
+share of the bf16 (and float32) matrix-multiply ceiling measured here before and after.
+The last line gives the ratios the issue asks for. See ``bench/README.md``.
+
+    python bench/bench_cpu_finetune.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.assets import MODEL_PRESETS, MissingDataError, build_model_dir, require_shared_data, write_records  # noqa: E402
+from bench.report import Measurement, format_table, ratios_line, summarize  # noqa: E402
+
+VARIANTS: dict[str, dict] = {
+    "ref-concat": dict(kind="reference", concatenation=True, bf16=True,
+                       label="reference fast path: --bf16 --dataset_concatenation"),
+    "ref-pad": dict(kind="reference", concatenation=False, bf16=True,
+                    label="reference without concatenation: --bf16"),
+    "lmtune": dict(kind="lmtune", concatenation=True, bf16=True,
+                   label="lmtune, the reference's flags: --bf16 --dataset_concatenation"),
+    "ref-concat-fp32": dict(kind="reference", concatenation=True, bf16=False,
+                            label="reference fast path in float32 (no --bf16)"),
+    "ref-pad-fp32": dict(kind="reference", concatenation=False, bf16=False,
+                         label="reference without concatenation in float32"),
+    "lmtune-pad": dict(kind="lmtune", concatenation=False, bf16=True,
+                       label="lmtune without --dataset_concatenation"),
+}
+DEFAULT_VARIANTS = ("ref-concat", "ref-pad", "lmtune", "ref-concat-fp32")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=64, help="Alpaca records per epoch (default 64).")
+    parser.add_argument("--max-seq-length", type=int, default=512, help="Row / truncation length (default 512).")
+    parser.add_argument("--batch-size", type=int, default=4, help="per_device_train_batch_size (default 4).")
+    parser.add_argument("--repeats", type=int, default=2, help="Runs per variant, interleaved (default 2).")
+    parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="llama-134m", help="Model preset.")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--large-vocab", action="store_true",
+                        help="Also run the 256K-vocabulary (Gemma-like) memory case after the main table.")
+    parser.add_argument("--large-vocab-variants", nargs="+", choices=sorted(VARIANTS),
+                        default=["ref-concat", "lmtune"], help="Variants of the large-vocabulary case.")
+    parser.add_argument("--large-vocab-records", type=int, default=8, help="Records of the large-vocabulary case.")
+    parser.add_argument("--quick", action="store_true", help="16 records, max_seq_length 256, 1 repeat.")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lmtune-bench",
+                        help="Where the random-weight models are saved once.")
+    parser.add_argument("--work-dir", type=Path, default=None, help="Run outputs and logs (default: a temp dir).")
+    parser.add_argument("--results-json", type=Path, default=None, help="Also write every measurement here.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.records, args.max_seq_length, args.repeats = 16, 256, 1
+    return args
+
+
+def measure_ceiling(seconds: float = 2.0) -> dict[str, float]:
+    """Best GFLOP/s of training-shaped matrix multiplies in bf16 and float32, in a fresh process."""
+    code = (
+        "import json, torch; from lmtune.train.cpu import matmul_gflops\n"
+        f"print(json.dumps({{d: matmul_gflops(getattr(torch, d), m=512, k=768, n=2048, seconds={seconds})"
+        " for d in ('bfloat16', 'float32')}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_once(name: str, spec: dict, work_dir: Path, index: int) -> Measurement:
+    """One variant in its own process: wall time and peak RSS from the parent, the rest from the child."""
+    run_dir = work_dir / f"{index:02d}-{name}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = dict(spec, output_dir=str(run_dir / "out"))
+    (run_dir / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+    command = [sys.executable, str(Path(__file__).with_name("worker.py")), str(run_dir / "spec.json"),
+               str(run_dir / "result.json")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    with open(run_dir / "log.txt", "w", encoding="utf-8") as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        tail = (run_dir / "log.txt").read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise RuntimeError(f"{name} failed (exit {process.returncode}); log {run_dir / 'log.txt'}:\n{tail}")
+    result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+    return Measurement(name=name, wall_s=wall, peak_rss_mb=usage.ru_maxrss / 1024, result=result)
+
+
+def run_table(variants: list[str], base: dict, repeats: int, work_dir: Path, tag: str) -> list[Measurement]:
+    measurements = []
+    for repeat in range(repeats):
+        for name in variants:  # interleaved: A B C A B C
+            index = len(measurements)
+            print(f"[{tag}] run {index + 1}/{repeats * len(variants)}: {name} ...", flush=True)
+            measurement = run_once(name, dict(base, **VARIANTS[name]), work_dir / tag, index)
+            print(f"[{tag}]   {measurement.brief()}", flush=True)
+            measurements.append(measurement)
+    return measurements
+
+
+def environment() -> str:
+    import platform
+
+    import peft
+    import torch
+    import transformers
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"machine: {model}, {os.cpu_count()} CPUs, load average {load}; python {platform.python_version()}, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+            f"peft {peft.__version__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        require_shared_data()
+    except MissingDataError as err:
+        print(err)
+        return 0
+    from lmtune.train.cpu import check_bf16
+
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="lmtune-bench-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    print(environment())
+    check = check_bf16()
+    print(f"bf16 check: {check.notice(requested=True) or 'bf16 helps here: ' + check._measured()}")
+    before = measure_ceiling()
+    model_dir = build_model_dir(args.model, args.cache_dir)
+    train_file, left_out = write_records(args.records, work_dir)
+    print(f"model {args.model} ({model_dir}); {args.records} Alpaca records ({left_out} with empty output left out); "
+          f"max_seq_length {args.max_seq_length}, batch {args.batch_size}, {args.repeats} repeat(s); work dir {work_dir}")
+    base = dict(model_dir=str(model_dir), train_file=str(train_file), max_seq_length=args.max_seq_length,
+                batch_size=args.batch_size)
+    measurements = run_table(args.variants, base, args.repeats, work_dir, "main")
+    large = []
+    if args.large_vocab:
+        large_dir = build_model_dir("gemma-like-256k", args.cache_dir)
+        large_file, _ = write_records(args.large_vocab_records, work_dir)
+        large_base = dict(base, model_dir=str(large_dir), train_file=str(large_file))
+        large = run_table(args.large_vocab_variants, large_base, 1, work_dir, "256k")
+    after = measure_ceiling()
+    ceiling = {d: (before[d] + after[d]) / 2 for d in before}
+    print(f"matmul ceiling (GFLOP/s, before / after): bf16 {before['bfloat16']:.1f} / {after['bfloat16']:.1f}, "
+          f"fp32 {before['float32']:.1f} / {after['float32']:.1f}")
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    rows = summarize(measurements, config, ceiling)
+    print(format_table(rows, VARIANTS))
+    if large:
+        large_config = json.loads((large_dir / "config.json").read_text(encoding="utf-8"))
+        print(f"\n256K vocabulary (Gemma-like, tied head), {args.large_vocab_records} records:")
+        print(format_table(summarize(large, large_config, ceiling), VARIANTS))
+    if args.results_json:
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "ceiling": {"before": before, "after": after},
+                   "runs": [m.to_dict() for m in measurements + large]}
+        args.results_json.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    print(ratios_line(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
