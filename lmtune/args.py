@@ -384,10 +384,11 @@ class ProcessFlags:
     use_lazy_mode: bool = False
     ddp_backend: str | None = None
     ddp_timeout: int = 1800
+    deepspeed: str | None = None
 
 
 def parse_process_flags(argv: list[str]) -> ProcessFlags:
-    """Read ``--device``, the Habana flags, ``--ddp_backend`` and ``--ddp_timeout`` alone.
+    """Read ``--device``, the Habana flags, ``--ddp_backend``, ``--ddp_timeout`` and ``--deepspeed`` alone.
 
     Building ``TrainingArguments`` starts accelerate (under a launcher, its process group),
     so a process must check its device, map its launcher's environment and start a ``ccl``
@@ -408,6 +409,7 @@ def parse_process_flags(argv: list[str]) -> ProcessFlags:
     return ProcessFlags(
         device=finetune.device, use_habana=finetune.use_habana, use_lazy_mode=finetune.use_lazy_mode,
         ddp_backend=backend, ddp_timeout=int(timeout) if timeout.isdigit() else 1800,
+        deepspeed=_flag_value(argv, "--deepspeed"),
     )
 
 

@@ -102,10 +102,8 @@ def _check_cpu_bf16(args: ParsedArgs) -> ParsedArgs:
 
 def _quant_settings(args: ParsedArgs) -> QuantSettings | None:
     ft, training = args.finetune, args.training
-    if not ft.qlora:
-        return None
-    compute = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
-    return QuantSettings(bits=ft.bits, quant_type=ft.quant_type, double_quant=ft.double_quant, compute_dtype=compute)
+    return QuantSettings.from_flags(ft.bits, ft.quant_type, ft.double_quant, training.bf16, training.fp16) \
+        if ft.qlora else None
 
 
 def _check_model_flags(args: ParsedArgs) -> None:
@@ -384,18 +382,26 @@ def parse_for_model(argv: list[str], *, seq2seq: bool | None = None) -> ParsedAr
     flags = parse_process_flags(argv)
     info = setup_process(
         flags.device, use_habana=flags.use_habana, use_lazy_mode=flags.use_lazy_mode,
-        ddp_backend=flags.ddp_backend, ddp_timeout=flags.ddp_timeout,
+        ddp_backend=flags.ddp_backend, ddp_timeout=flags.ddp_timeout, deepspeed=flags.deepspeed,
     )
     if info.rank != 0:  # one copy of the argument notices, not one per rank
         logging.getLogger("lmtune").setLevel(logging.ERROR)
-    args = parse_args(argv, seq2seq=bool(seq2seq))
+    # Seq2SeqTrainingArguments is a superset: parsing with it first lets seq2seq-only flags
+    # (--predict_with_generate, --generation_max_length) through until the model type is known.
+    args = parse_args(argv, seq2seq=seq2seq is not False)
     if seq2seq is None and args.model.model_name_or_path:
         config = load_config(
             args.model.model_name_or_path, config_name=args.model.config_name,
             trust_remote_code=args.model.trust_remote_code, cache_dir=args.model.cache_dir,
         )
-        if is_seq2seq(config):
-            args = parse_args(argv, seq2seq=True)
+        if not is_seq2seq(config):
+            notices = logging.getLogger("lmtune.args")  # the first parse already gave its notices
+            level = notices.level
+            notices.setLevel(logging.ERROR)
+            try:
+                args = parse_args(argv, seq2seq=False)
+            finally:
+                notices.setLevel(level)
     return args
 
 

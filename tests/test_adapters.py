@@ -128,7 +128,7 @@ def test_combinations_peft_cannot_do_fail_before_training(tmp_path, tiny_llama_d
     with pytest.raises(ConfigError, match="LLaMA-Adapter supports model types gpt2, llama, mistral; this model is "
                                           "'falcon'. Use --peft lora"):
         apply_adapter(_tiny(FAMILIES["falcon"]), AdapterSettings(peft="llama_adapter"))
-    with pytest.raises(ConfigError, match="--peft prefix with --dataset_concatenation: .* Drop --dataset_concatenation"):
+    with pytest.raises(ConfigError, match="--peft prefix with --dataset_concatenation: .* Drop --dataset_conc"):
         finetune(model_name_or_path=str(tiny_llama_dir), train_file=str(alpaca_file), output_dir=str(tmp_path / "o"),
                  do_train=True, peft="prefix", dataset_concatenation=True, use_cpu=True, report_to="none")
     assert not (tmp_path / "o" / "adapter_config.json").exists()
@@ -189,8 +189,8 @@ def _check_cell(family: Family, method: str, tmp_path: Path) -> str:
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(_tiny(family), tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids, **kwargs).logits, model.eval()(input_ids=ids, **kwargs).logits,
-                                   rtol=0, atol=1e-5)
+        expected = model.eval()(input_ids=ids, **kwargs).logits
+        torch.testing.assert_close(reloaded(input_ids=ids, **kwargs).logits, expected, rtol=0, atol=1e-5)
     out = reloaded.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 1
     return "✓"
@@ -208,8 +208,8 @@ def _check_full_finetune(family: Family, tmp_path: Path) -> str:
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids, **kwargs).logits, model.eval()(input_ids=ids, **kwargs).logits,
-                                   rtol=0, atol=1e-5)
+        expected = model.eval()(input_ids=ids, **kwargs).logits
+        torch.testing.assert_close(reloaded(input_ids=ids, **kwargs).logits, expected, rtol=0, atol=1e-5)
     return "✓"
 
 

@@ -79,7 +79,8 @@ def test_tokenizer_matches_llama2c_encoding(converted, stories):
     tokenizer = AutoTokenizer.from_pretrained(converted)
     pieces = read_tokenizer(stories / "tok512.bin", 512)
     ids = tokenizer("Once upon a time, Lily").input_ids
-    assert ids[0] == 1 and tokenizer.convert_ids_to_tokens(ids[1:]) == ["▁Once", "▁upon", "▁a", "▁time", ",", "▁Lily"]
+    assert ids[0] == 1
+    assert tokenizer.convert_ids_to_tokens(ids[1:]) == ["▁Once", "▁upon", "▁a", "▁time", ",", "▁Lily"]
     assert [pieces[i][0] for i in ids[1:]] == tokenizer.convert_ids_to_tokens(ids[1:])
     # Characters outside the 512 pieces fall back to their UTF-8 bytes (ids 3..258), and decode back.
     text = "Lily ate 🍎."
@@ -88,33 +89,24 @@ def test_tokenizer_matches_llama2c_encoding(converted, stories):
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
 
 
-def _as_version1(v0: bytes) -> bytes:
+def _as_version1(v0_file: Path) -> bytes:
     """Re-serialize a version 0 checkpoint in llama2.c's version 1 layout (export.py's ``version1_export``)."""
-    dim, hidden, layers, heads, kv_heads, vocab, seq_len = struct.unpack_from("<7i", v0, 0)
-    header = struct.pack("<Ii", MAGIC_V1, 1) + struct.pack("<7i", dim, hidden, layers, heads, kv_heads, abs(vocab),
-                                                         seq_len) + struct.pack("<B", int(vocab > 0))
-    header += b"\0" * (V1_HEADER_BYTES - len(header))
-    _, tensors = read_checkpoint_bytes(v0)
+    header, tensors = read_checkpoint(v0_file)
+    fields = (header.dim, header.hidden_dim, header.n_layers, header.n_heads, header.n_kv_heads, header.vocab_size,
+              header.seq_len)
+    head = struct.pack("<Ii", MAGIC_V1, 1) + struct.pack("<7i", *fields) + struct.pack("<B", header.shared_classifier)
+    head += b"\0" * (V1_HEADER_BYTES - len(head))
     order = ["attention_norm", "ffn_norm", "norm", "tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
     body = b""
     for kind in order:
-        names = [kind] if kind in ("norm", "tok_embeddings") else [f"{kind}.{i}" for i in range(layers)]
+        names = [kind] if kind in ("norm", "tok_embeddings") else [f"{kind}.{i}" for i in range(header.n_layers)]
         body += b"".join(tensors[n].numpy().astype("<f4").tobytes() for n in names)
-    return header + body
-
-
-def read_checkpoint_bytes(data: bytes, tmp: Path | None = None):
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".bin") as file:
-        file.write(data)
-        file.flush()
-        return read_checkpoint(file.name)
+    return head + body
 
 
 def test_version1_checkpoint_converts_to_the_same_weights(stories, converted, tmp_path):
     v1 = tmp_path / "stories260K_v1.bin"
-    v1.write_bytes(_as_version1((stories / "stories260K.bin").read_bytes()))
+    v1.write_bytes(_as_version1(stories / "stories260K.bin"))
     out = convert_llama2c(v1, stories / "tok512.bin", tmp_path / "v1-hf")
     ours, reference = load_file(out / "model.safetensors"), load_file(converted / "model.safetensors")
     assert ours.keys() == reference.keys()

@@ -155,6 +155,21 @@ def test_report_counts_unsupervised_eos_and_supervised_share(tokenizer):
     assert "supervised  4 tokens, 44.4% of all" in text
 
 
+def test_seq2seq_report_describes_sources_and_targets(tokenizer):
+    eos = tokenizer.eos_token_id
+    rows = {"input_ids": [[40, 41, 42, eos], [43, 44, eos]], "labels": [[50, eos], [51, 52, 53, eos]]}
+    report = report_for(tokenizer, rows, seq2seq=True, max_source_length=8, max_target_length=4)
+    train = report.splits[0]
+    assert (train.tokens, train.supervised_tokens, train.eos_supervised) == (13, 6, 2)
+    assert (train.min_target_tokens, train.max_target_tokens) == (2, 4)
+    text = format_data_report(report)
+    assert "source per sample min 3, median 3.5, max 4; target min 2, median 3, max 4" in text
+    assert "truncated   none (every sample fits --max_target_length 4)" in text
+    assert "packing" not in text
+    first = tokenizer.decode([40, 41, 42, eos])
+    assert f"source (encoder input):\n{first}\ntarget (decoder labels):\n[[{tokenizer.decode([50, eos])}]]" in text
+
+
 def test_mark_supervised_brackets_each_supervised_span(tokenizer):
     prompt, response = "Say hi.\n", "hi there"
     ids = tokenizer(prompt + response).input_ids

@@ -204,7 +204,7 @@ def test_seq2seq_chat_and_summarization_train(tiny_t5_dir, shared_data, tmp_path
     files = shared_data / "files"
     common = dict(model_name_or_path=str(tiny_t5_dir), do_train=True, max_steps=1, max_train_samples=4,
                   per_device_train_batch_size=4, report_to="none", save_strategy="no", disable_tqdm=True,
-                  max_source_length=256, max_target_length=32)
+                  max_source_length=512, max_target_length=32)
     chat = finetune(output_dir=str(tmp_path / "chat"), train_file=str(files / "chat_small.jsonl"), task="chat",
                     **common)
     assert chat["train_samples"] == 4 and chat["train_loss"] > 0

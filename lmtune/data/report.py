@@ -86,7 +86,7 @@ class DataReport:
         out: dict[str, float | int] = {}
         for split in self.splits:
             for key, value in asdict(split).items():
-                if isinstance(value, (int, float)) and value is not None:
+                if isinstance(value, (int, float)):
                     out[f"dry_run_{split.split}_{key}"] = value
         if self.steps is not None:
             out["dry_run_steps"] = self.steps.total_steps

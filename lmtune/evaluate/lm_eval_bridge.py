@@ -71,8 +71,12 @@ def run_lm_eval(
         ``<task>_<metric>`` for every metric each task reports.
 
     Raises:
-        ConfigError: without the lm_eval package, or for a task lm_eval does not know.
+        ConfigError: without the lm_eval package, for a task file that does not exist, or a
+            task name lm_eval does not know.
     """
+    missing = [task for task in tasks if task.endswith((".yaml", ".yml")) and not Path(task).is_file()]
+    if missing:
+        raise ConfigError(f"--lm_eval_tasks {' '.join(missing)}: no such task file.")
     if not lm_eval_available():
         raise ConfigError(f"--lm_eval_tasks {' '.join(tasks)}: {LM_EVAL_MISSING}.")
     import lm_eval

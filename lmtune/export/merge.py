@@ -155,15 +155,7 @@ def merge_adapter(
     _check_mergeable(adapter_config, adapter)
     base = resolve_base(adapter, base)
     _check_output_dir(out, overwrite, adapter, base)
-    config = load_config(base, trust_remote_code=trust_remote_code)
-    load_dtype = DTYPES.get(dtype) or getattr(config, "dtype", None) or torch.float32
-    if isinstance(load_dtype, str):
-        load_dtype = DTYPES.get(load_dtype, torch.float32)
-    model = load_model(base, config, dtype=load_dtype, trust_remote_code=trust_remote_code)
-    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base, trust_remote_code=trust_remote_code,
-                               model_type=config.model_type)
-    fit_embeddings_to_tokenizer(model, tokenizer)  # tokens added in training are rows of the adapter's base
+    model, tokenizer, load_dtype = _load_base(base, adapter, dtype, trust_remote_code)
     try:
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(safe_merge=True)
     except ValueError as err:  # peft's safe_merge found NaN/inf
@@ -178,3 +170,17 @@ def merge_adapter(
     write_json(out / ARGS_FILE, record)
     logger.info("merged %s into %s; wrote %s.", adapter, base, out)
     return out
+
+
+def _load_base(base: str, adapter: Path, dtype: str, trust_remote_code: bool):
+    """The base model in the output dtype, and the tokenizer training saved (else the base's)."""
+    config = load_config(base, trust_remote_code=trust_remote_code)
+    load_dtype = DTYPES.get(dtype) or getattr(config, "dtype", None) or torch.float32
+    if isinstance(load_dtype, str):
+        load_dtype = DTYPES.get(load_dtype, torch.float32)
+    model = load_model(base, config, dtype=load_dtype, trust_remote_code=trust_remote_code)
+    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base, trust_remote_code=trust_remote_code,
+                               model_type=config.model_type)
+    fit_embeddings_to_tokenizer(model, tokenizer)  # tokens added in training are rows of the adapter's base
+    return model, tokenizer, load_dtype

@@ -82,7 +82,8 @@ def default_target_modules(model: PreTrainedModel) -> list[str] | str:
         Module names, or ``"all-linear"`` for a family neither table knows.
     """
     model_type = model.config.model_type
-    targets = family_traits(model_type).lora_targets or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    peft_table = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    targets = family_traits(model_type).lora_targets or peft_table.get(model_type)
     present = set(_linear_leaf_names(model))
     if targets and present.intersection(targets):
         return list(targets)
@@ -126,7 +127,8 @@ def _check_llama_adapter_family(model: PreTrainedModel) -> None:
     model_type = model.config.model_type
     if model_type not in ADAPTION_PROMPT_MODELS:
         raise ConfigError(
-            f"--peft llama_adapter: peft's LLaMA-Adapter supports model types {', '.join(sorted(ADAPTION_PROMPT_MODELS))}; "
+            "--peft llama_adapter: peft's LLaMA-Adapter supports model types "
+            f"{', '.join(sorted(ADAPTION_PROMPT_MODELS))}; "
             f"this model is '{model_type}'. Use --peft lora (or prefix, prompt, ptun) for this model."
         )
 
@@ -242,7 +244,8 @@ def _smoke_forward(peft_model: PeftModel, method: str) -> None:
         peft_model(**inputs)
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
         raise ConfigError(
-            f"--peft {method} does not run on model type '{base_config.model_type}' with peft: {type(err).__name__}: {err}. "
+            f"--peft {method} does not run on model type '{base_config.model_type}' with peft: "
+            f"{type(err).__name__}: {err}. "
             "Use --peft lora, which every family supports."
         ) from err
     finally:

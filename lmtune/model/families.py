@@ -62,7 +62,8 @@ def attention_geometry(config: PretrainedConfig) -> dict[str, int]:
     Returns only the values the config has.
     """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    names = {"num_layers": "num_hidden_layers", "token_dim": "hidden_size", "num_attention_heads": "num_attention_heads"}
+    names = {"num_layers": "num_hidden_layers", "token_dim": "hidden_size",
+             "num_attention_heads": "num_attention_heads"}
     out: dict[str, int] = {}
     for ours, theirs in names.items():
         value = getattr(text, theirs, None)

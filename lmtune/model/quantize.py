@@ -41,6 +41,12 @@ class QuantSettings:
     double_quant: bool = True
     compute_dtype: torch.dtype = torch.float32
 
+    @classmethod
+    def from_flags(cls, bits: int, quant_type: str, double_quant: bool, bf16: bool, fp16: bool) -> QuantSettings:
+        """The settings for these flags; matmuls run in the dtype training uses (bf16, fp16, else fp32)."""
+        compute = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+        return cls(bits=bits, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute)
+
 
 def _bitsandbytes_version() -> Version | None:
     try:

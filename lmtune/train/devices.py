@@ -219,3 +219,41 @@ def init_ccl_process_group(device: str, rank: int, world_size: int, *, timeout_s
         torch.distributed.init_process_group(
             "ccl", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
+
+
+_DEEPSPEED_FIX = (
+    "Fix: pip install deepspeed (DS_BUILD_OPS=0 is enough: on CPU its kernels are built when first "
+    "used; on Gaudi install Habana's DeepSpeed fork instead), or drop --deepspeed: plain data "
+    "parallelism through torchrun or mpirun needs nothing extra."
+)
+
+
+def init_deepspeed_process_group(
+    device: str, rank: int, world_size: int, *, backend: str | None = None, timeout_s: int = 1800
+) -> None:
+    """Check that DeepSpeed imports and, on CPU, start its process group.
+
+    On a CPU run ``TrainingArguments`` (``use_cpu``) has accelerate start a plain gloo
+    group that DeepSpeed's own communication layer does not know about, so ZeRO would
+    count one process. Starting the group through ``deepspeed.init_distributed`` first
+    lets both share it. On accelerators accelerate already starts it through DeepSpeed.
+
+    Args:
+        device: The resolved device.
+        rank: This process's global rank.
+        world_size: Number of processes.
+        backend: "ccl" for oneCCL; otherwise gloo.
+        timeout_s: ``--ddp_timeout``, seconds.
+
+    Raises:
+        UnsupportedError: deepspeed does not import here.
+    """
+    try:
+        import deepspeed
+    except ImportError as err:  # any failure while importing it means --deepspeed cannot run
+        raise UnsupportedError(f"--deepspeed needs the deepspeed package, which does not import here ({err}). "
+                               f"{_DEEPSPEED_FIX}") from err
+    if device != "cpu" or world_size == 1 or torch.distributed.is_initialized():
+        return
+    deepspeed.init_distributed(dist_backend="ccl" if backend == "ccl" else "gloo", auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=timeout_s), rank=rank, world_size=world_size)

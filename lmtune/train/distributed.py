@@ -21,7 +21,13 @@ from typing import Literal, NamedTuple
 import torch
 
 from lmtune.errors import ConfigError
-from lmtune.train.devices import DDP_BACKENDS, check_device, init_ccl_process_group, resolve_ddp_backend
+from lmtune.train.devices import (
+    DDP_BACKENDS,
+    check_device,
+    init_ccl_process_group,
+    init_deepspeed_process_group,
+    resolve_ddp_backend,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +243,7 @@ def setup_process(
     use_lazy_mode: bool = False,
     ddp_backend: str | None = None,
     ddp_timeout: int = 1800,
+    deepspeed: str | None = None,
     environ: MutableMapping[str, str] = os.environ,
 ) -> DistributedInfo:
     """Settle everything that must precede ``TrainingArguments``, in the order it must happen.
@@ -247,13 +254,16 @@ def setup_process(
     the launcher's environment is mapped (:func:`apply_launcher_env`), then the DDP
     backend: ``ccl`` imports oneCCL's bindings and starts its group here
     (:func:`init_ccl_process_group`); the others are checked here and started by accelerate.
+    With ``--deepspeed`` on CPU the group is started through DeepSpeed
+    (:func:`init_deepspeed_process_group`), so that ZeRO sees every rank.
 
     Args:
         device: ``--device``.
         use_habana: ``--use_habana``.
         use_lazy_mode: ``--use_lazy_mode``.
         ddp_backend: ``--ddp_backend`` as typed, or None.
-        ddp_timeout: ``--ddp_timeout``, seconds (used for ``ccl``).
+        ddp_timeout: ``--ddp_timeout``, seconds (for the groups started here).
+        deepspeed: ``--deepspeed`` config file or JSON, or None.
         environ: The environment to read and update, usually ``os.environ``.
 
     Returns:
@@ -262,15 +272,19 @@ def setup_process(
     Raises:
         ConfigError: Unknown device or backend, inconsistent launcher variables, or a
             multi-node MPI job without MASTER_ADDR.
-        UnsupportedError: The device, or the backend's library, is missing here.
+        UnsupportedError: The device, the backend's library or DeepSpeed is missing here.
     """
     resolved = check_device(device, use_habana=use_habana, use_lazy_mode=use_lazy_mode)
     info = apply_launcher_env(environ)
     backend = (ddp_backend or "").strip().lower()
     if backend == "ccl":
-        init_ccl_process_group(resolved, info.rank, info.world_size, timeout_s=ddp_timeout)
+        resolve_ddp_backend("ccl", resolved, world_size=info.world_size)
     elif backend in DDP_BACKENDS:  # transformers checks the rest of its own choices
         resolve_ddp_backend(backend, resolved, world_size=info.world_size)
+    if deepspeed:
+        init_deepspeed_process_group(resolved, info.rank, info.world_size, backend=backend, timeout_s=ddp_timeout)
+    elif backend == "ccl":
+        init_ccl_process_group(resolved, info.rank, info.world_size, timeout_s=ddp_timeout)
     return info
 
 
