@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--large-vocab-variants", nargs="+", choices=sorted(VARIANTS),
                         default=["ref-concat", "lmtune"], help="Variants of the large-vocabulary case.")
     parser.add_argument("--large-vocab-records", type=int, default=8, help="Records of the large-vocabulary case.")
+    parser.add_argument("--omp-wait-policy", choices=["own", "passive"], default="own",
+                        help="own: each program keeps its own OpenMP setting (lmtune sleeps idle threads, the "
+                             "reference spins them, torch's default); passive: OMP_WAIT_POLICY=PASSIVE for all.")
     parser.add_argument("--quick", action="store_true", help="16 records, max_seq_length 256, 1 repeat.")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lmtune-bench",
                         help="Where the random-weight models are saved once.")
@@ -74,12 +77,13 @@ def measure_ceiling(seconds: float = 2.0) -> dict[str, float]:
         f"print(json.dumps({{d: matmul_gflops(getattr(torch, d), m=512, k=768, n=2048, seconds={seconds})"
         " for d in ('bfloat16', 'float32')}))"
     )
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")  # a ceiling: the best this machine does
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[1], env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_once(name: str, spec: dict, work_dir: Path, index: int) -> Measurement:
+def run_once(name: str, spec: dict, work_dir: Path, index: int, omp_wait_policy: str) -> Measurement:
     """One variant in its own process: wall time and peak RSS from the parent, the rest from the child."""
     run_dir = work_dir / f"{index:02d}-{name}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,6 +92,8 @@ def run_once(name: str, spec: dict, work_dir: Path, index: int) -> Measurement:
     command = [sys.executable, str(Path(__file__).with_name("worker.py")), str(run_dir / "spec.json"),
                str(run_dir / "result.json")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if omp_wait_policy == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     with open(run_dir / "log.txt", "w", encoding="utf-8") as log:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -101,13 +107,15 @@ def run_once(name: str, spec: dict, work_dir: Path, index: int) -> Measurement:
     return Measurement(name=name, wall_s=wall, peak_rss_mb=usage.ru_maxrss / 1024, result=result)
 
 
-def run_table(variants: list[str], base: dict, repeats: int, work_dir: Path, tag: str) -> list[Measurement]:
+def run_table(
+    variants: list[str], base: dict, repeats: int, work_dir: Path, tag: str, omp_wait_policy: str
+) -> list[Measurement]:
     measurements = []
     for repeat in range(repeats):
         for name in variants:  # interleaved: A B C A B C
             index = len(measurements)
             print(f"[{tag}] run {index + 1}/{repeats * len(variants)}: {name} ...", flush=True)
-            measurement = run_once(name, dict(base, **VARIANTS[name]), work_dir / tag, index)
+            measurement = run_once(name, dict(base, **VARIANTS[name]), work_dir / tag, index, omp_wait_policy)
             print(f"[{tag}]   {measurement.brief()}", flush=True)
             measurements.append(measurement)
     return measurements
@@ -149,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
           f"max_seq_length {args.max_seq_length}, batch {args.batch_size}, {args.repeats} repeat(s); work dir {work_dir}")
     base = dict(model_dir=str(model_dir), train_file=str(train_file), max_seq_length=args.max_seq_length,
                 batch_size=args.batch_size)
-    measurements = run_table(args.variants, base, args.repeats, work_dir, "main")
+    measurements = run_table(args.variants, base, args.repeats, work_dir, "main", args.omp_wait_policy)
     large = []
     if args.large_vocab:
         large_dir = build_model_dir("gemma-like-256k", args.cache_dir)
         large_file, _ = write_records(args.large_vocab_records, work_dir)
         large_base = dict(base, model_dir=str(large_dir), train_file=str(large_file))
-        large = run_table(args.large_vocab_variants, large_base, 1, work_dir, "256k")
+        large = run_table(args.large_vocab_variants, large_base, 1, work_dir, "256k", args.omp_wait_policy)
     after = measure_ceiling()
     ceiling = {d: (before[d] + after[d]) / 2 for d in before}
     print(f"matmul ceiling (GFLOP/s, before / after): bf16 {before['bfloat16']:.1f} / {after['bfloat16']:.1f}, "

@@ -29,7 +29,7 @@ class Measurement:
         r = self.result
         return (f"wall {self.wall_s:.1f} s, {self.tokens_per_s:.1f} dataset tokens/s, peak RSS {self.peak_rss_mb:.0f} MB, "
                 f"train loss {r['train_loss']:.4f}, {r['steps']} steps, compute {r['compute']}, "
-                f"weights {r['weights']}, {r['threads']} threads")
+                f"weights {r['weights']}, {r['threads']} threads, OMP_WAIT_POLICY {r['omp_wait_policy']}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -9,6 +9,7 @@ steady-state FLOP/s, and what each run trained on. The same step timer wraps the
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,8 @@ def run_reference_variant(spec: dict) -> dict:
 
 def main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    if spec["kind"] == "lmtune":
+        import lmtune.finetune  # noqa: F401  first, as `finetune_clm` does: it sets up OpenMP before torch loads
     install_step_timer()
     outcome = run_lmtune(spec) if spec["kind"] == "lmtune" else run_reference_variant(spec)
     trainer = _RUN["trainer"]
@@ -91,6 +94,7 @@ def main(spec_path: str, result_path: str) -> None:
         train_start=_RUN["train_start"],
         train_end=_RUN["train_end"],
         threads=__import__("torch").get_num_threads(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
     )
     Path(result_path).write_text(json.dumps(outcome), encoding="utf-8")
 

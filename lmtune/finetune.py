@@ -7,6 +7,14 @@ any weights load), load the model, attach the adapter, train, save, evaluate, re
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP (the CLI reaches torch through this module): threads that finish
+# their share of an op first then sleep instead of spinning. On a CPU shared with other
+# processes the spinning holds the cores the lagging threads need; on a loaded 2-core VM a
+# LoRA step took 4x longer with OpenMP's default spin-then-sleep (bench/README.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import dataclasses
 import logging
 from typing import Any
@@ -45,7 +53,7 @@ from lmtune.model.load import (
     load_tokenizer,
     resolve_dtype,
 )
-from lmtune.train.distributed import check_device, setup_process
+from lmtune.train.distributed import check_device, fsdp_notice, setup_process
 from lmtune.train.checkpointing import StopOnSignal
 from lmtune.train.cpu import check_bf16
 from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir, write_run_args
@@ -59,6 +67,7 @@ from lmtune.model.quantize import (
 from lmtune.train.packing_check import PACK_BY_MASK, check_packing_isolation
 from lmtune.train.progress import check_report_to, configure_messages, install_progress, is_interactive
 from lmtune.train.trainer import build_trainer
+from lmtune.train.zero import whole_weights
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +96,9 @@ def _check_cpu_bf16(args: ParsedArgs) -> ParsedArgs:
     from the CPU flags alone, so that they all decide the same.
     """
     training = args.training
-    if not training.use_cpu or args.finetune.qlora:
+    # A DeepSpeed config sets its own precision (the reference's pins bf16.enabled): dropping --bf16
+    # would fail DeepSpeed's check of the config against these arguments at the first step.
+    if not training.use_cpu or args.finetune.qlora or training.deepspeed:
         return args
     check = check_bf16(measure=False)
     if training.world_size == 1 and (training.bf16 or check.helps):  # timing costs about a second
@@ -184,6 +195,15 @@ def _build_model(args: ParsedArgs, config, tokenizer) -> tuple[PreTrainedModel, 
         quantization_config=quantization_config(quant) if quant else None,
         device_map=quantized_device_map(training.device.type) if quant else None,
     )
+    with whole_weights(model):  # ZeRO-3 loads the weights partitioned; the checks below run the model
+        return _adapt_model(args, model, tokenizer, dtype, quant)
+
+
+def _adapt_model(
+    args: ParsedArgs, model: PreTrainedModel, tokenizer, dtype: torch.dtype | None, quant: QuantSettings | None
+) -> tuple[PreTrainedModel, torch.dtype | None]:
+    """Fit the embeddings, prepare QLoRA, probe packing, attach the adapter (see ``_build_model``)."""
+    ft, training = args.finetune, args.training
     fit_embeddings_to_tokenizer(model, tokenizer)
     # Training needs no KV cache, and with one transformers stops deriving the block-diagonal
     # mask of packed rows from their position_ids: packed samples would attend to each other.
@@ -300,6 +320,8 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     args = _with_device(args)
     model_args, data_args, ft, training = args.model, args.data, args.finetune, args.training
     _configure_logging(training)
+    if training.process_index == 0 and (notice := fsdp_notice(bool(training.fsdp), training.use_cpu)):
+        logger.warning(notice)
     args = _check_cpu_bf16(args)
     training = args.training
     transformers.set_seed(training.seed)

@@ -12,7 +12,12 @@ import pytest
 
 from lmtune.args import args_to_dict, parse_args, validate_args
 from lmtune.errors import ConfigError
-from lmtune.train.checkpointing import COMPLETE_MARKER, latest_complete_checkpoint
+from lmtune.train.checkpointing import (
+    COMPLETE_MARKER,
+    commit_checkpoint,
+    latest_complete_checkpoint,
+    remove_staging_dirs,
+)
 from lmtune.train.output_dir import (
     ARGS_FILE,
     changed_args,
@@ -206,3 +211,20 @@ def test_overwrite_and_resume_inside_output_dir_contradict(tmp_path):
     with pytest.raises(ConfigError, match=r"--resume_from_checkpoint latest resumes from a checkpoint in "
                                           r"--output_dir, which --overwrite_output_dir clears"):
         validate_args(parse_args(base + ["--resume_from_checkpoint", "latest"]))
+
+
+def test_commit_marks_and_replaces_an_older_save_of_the_same_step(tmp_path):
+    final = tmp_path / "checkpoint-3"
+    final.mkdir()
+    (final / "adapter_model.safetensors").write_text("old", encoding="utf-8")
+    staged = tmp_path / ".staging-checkpoint-3" / "checkpoint-3"
+    staged.mkdir(parents=True)
+    (staged / "adapter_model.safetensors").write_text("new", encoding="utf-8")
+    assert commit_checkpoint(staged, final, 3) == final
+    assert (final / "adapter_model.safetensors").read_text(encoding="utf-8") == "new"
+    assert json.loads((final / COMPLETE_MARKER).read_text(encoding="utf-8")) == {"step": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staging-checkpoint-3", "checkpoint-3"]
+    (tmp_path / ".staging-checkpoint-3.old").mkdir()  # what a kill between the two renames leaves
+    assert sorted(p.name for p in remove_staging_dirs(tmp_path)) == [".staging-checkpoint-3",
+                                                                     ".staging-checkpoint-3.old"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]

@@ -176,6 +176,12 @@ def test_library_deprecations_are_silenced_and_each_warning_shows_once():
         log.warning("another warning")
         log.info("info repeats")
         log.info("info repeats")
+        # DeepSpeed's logger (with its own handler) drops its CPU-fallback notice, nothing else.
+        deepspeed = logging.getLogger("DeepSpeed")
+        notice = logging.makeLogRecord({"msg": "Setting accelerator to CPU. If you have GPU or other accelerator, "
+                                               "we were unable to detect it.", "levelno": logging.WARNING})
+        assert not deepspeed.filter(notice)
+        assert deepspeed.filter(logging.makeLogRecord({"msg": "ZeRO stage 3 needs a config"}))
     finally:
         root.removeHandler(handler)
         root.removeHandler(foreign)

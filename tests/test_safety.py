@@ -156,3 +156,22 @@ def test_model_code_never_runs_without_trust_remote_code(remote_code_model, tmp_
                                           r"--trust_remote_code True"):
         load_tokenizer(str(remote_code_model))
     assert not (tmp_path / "ran").exists()
+
+
+def test_atomic_saves_keep_rotation_and_the_best_checkpoint(tiny_llama_dir, alpaca_file, tmp_path):
+    """The stock Trainer's save_total_limit and best-checkpoint tracking still work through the staging rename."""
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", str(tiny_llama_dir), "--train_file", str(alpaca_file), "--output_dir", str(out),
+            "--do_train", "--do_eval", "--validation_split_percentage", "20", "--max_steps", "4",
+            "--save_steps", "1", "--eval_strategy", "steps", "--eval_steps", "1", "--save_total_limit", "2",
+            "--load_best_model_at_end", "True", "--metric_for_best_model", "loss", "--learning_rate", "1e-2",
+            "--per_device_train_batch_size", "4", "--max_seq_length", "256", "--report_to", "none",
+            "--disable_tqdm", "True", "--use_cpu", "True"]
+    run_finetune(parse_for_model(argv))
+    best = Path(json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))["best_model_checkpoint"])
+    assert best.parent == out and (best / COMPLETE_MARKER).is_file()
+    left = sorted(p.name for p in out.iterdir() if p.name.startswith((".", "checkpoint")))
+    assert "checkpoint-4" in left and best.name in left and len(left) <= 2
+    assert all((out / name / COMPLETE_MARKER).is_file() for name in left)
+    saved_best = json.loads((best / "trainer_state.json").read_text(encoding="utf-8"))["best_model_checkpoint"]
+    assert ".staging" not in saved_best

@@ -236,3 +236,46 @@ def test_truthfulqa_with_do_lm_eval_writes_mc1_and_mc2(tiny_llama_dir, alpaca_fi
     everything = json.loads((out / "all_results.json").read_text())
     assert 0 <= everything["truthfulqa_mc1"] <= 1 and 0 < everything["truthfulqa_mc2"] < 1
     assert everything["truthfulqa_questions"] == 2 and not math.isnan(everything["truthfulqa_mc2"])
+
+
+def fake_loglikelihoods(requests):
+    """Deterministic made-up log-likelihoods, the same for a request whichever scorer asks."""
+    return [-(sum(map(ord, context + continuation)) % 97) / 10 - 0.1 for context, continuation in requests]
+
+
+def test_seq2seq_truthfulqa_aggregates_exactly_as_the_causal_scorer(shared_data, monkeypatch):
+    from lmtune.evaluate import multiple_choice, seq2seq_scoring
+
+    questions = load_truthfulqa(shared_data / "eval" / "truthfulqa_v1_817" / "mc_task.json")[:6]
+    monkeypatch.setattr(multiple_choice, "loglikelihoods", lambda m, t, requests, **_: fake_loglikelihoods(requests))
+    monkeypatch.setattr(seq2seq_scoring, "seq2seq_loglikelihoods",
+                        lambda m, t, requests, **_: fake_loglikelihoods(requests))
+    causal = multiple_choice.score_truthfulqa(None, None, questions)
+    assert seq2seq_scoring.score_truthfulqa_seq2seq(None, None, questions) == causal
+    # A hand-made item with known log-likelihoods: MC1 right, MC2 = e^-1 / (e^-1 + e^-2).
+    item = [multiple_choice.MCQuestion("Q?", ("yes", "no"), (1, 0), ("yes", "no"), (1, 0))]
+    known = {" yes": -1.0, " no": -2.0}
+    monkeypatch.setattr(seq2seq_scoring, "seq2seq_loglikelihoods",
+                        lambda m, t, requests, **_: [known[cont] for _, cont in requests])
+    scores = seq2seq_scoring.score_truthfulqa_seq2seq(None, None, item)
+    assert scores == {"truthfulqa_mc1": 1.0, "truthfulqa_mc2": pytest.approx(1 / (1 + math.exp(-1)))}
+
+
+def test_seq2seq_loglikelihood_is_the_decoder_log_probability(tmp_path, shared_data):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from lmtune.evaluate.seq2seq_scoring import encode_seq2seq_pair, seq2seq_loglikelihoods
+    from tiny_t5 import EOS_ID, save_tiny_t5
+
+    t5 = save_tiny_t5(tmp_path / "t5")
+    model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(t5).eval(), AutoTokenizer.from_pretrained(t5)
+    requests = [("Q: What is two plus two?\nA: ", "4"), ("The sky is", " blue today"), ("Water is", " wet")]
+    context, continuation = encode_seq2seq_pair(tokenizer, *requests[0])
+    assert context[-1] == EOS_ID and continuation == tokenizer(" 4", add_special_tokens=False).input_ids
+    loss = model(input_ids=torch.tensor([context]), labels=torch.tensor([continuation])).loss
+    one_by_one = seq2seq_loglikelihoods(model, tokenizer, requests, batch_size=1)
+    assert one_by_one[0] == pytest.approx(-loss.item() * len(continuation), rel=1e-5)
+    assert seq2seq_loglikelihoods(model, tokenizer, requests, batch_size=3) == pytest.approx(one_by_one, rel=1e-5)
+    metrics = evaluate_benchmarks(model, tokenizer, ["truthfulqa_mc"], limit=2,
+                                  truthfulqa_file=shared_data / "eval" / "truthfulqa_v1_817" / "mc_task.json")
+    assert metrics["truthfulqa_questions"] == 2 and 0 < metrics["truthfulqa_mc2"] < 1

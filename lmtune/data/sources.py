@@ -2,12 +2,12 @@
 
 Contract: ``load_splits`` returns ``{split_name: datasets.Dataset}`` holding the records as
 they are in the source; nothing is tokenized or reformatted here. JSON and JSON Lines files
-are read by hand because ``datasets`` reports a broken line without its line number, accepts
-undecodable bytes until they are read, says ``StopIteration`` for an empty file, and cannot
-hold a column whose type changes between records. Every problem found here names the file,
-the line or record, what was expected and the fix. Records read from a JSON file carry their
-position in the file in ``LOCATION_COLUMN`` (``record 10 (line 11)``), so later stages can name
-it after shuffling or skipping.
+are read by hand (``json_records.py``) because ``datasets`` reports a broken line without its
+line number, accepts undecodable bytes until they are read, says ``StopIteration`` for an empty
+file, and cannot hold a column whose type changes between records. Every problem found names
+the file, the line or record, what was expected and the fix. Records read from a JSON file
+carry their position in the file in ``LOCATION_COLUMN`` (``record 10 (line 11)``), so later
+stages can name it after shuffling or skipping.
 
 With ``skip_invalid`` a bad line or record is not dropped here but kept as a row whose
 ``PROBLEM_COLUMN`` says what is wrong (and whose bad field is null), so that stage 2 drops,
@@ -16,46 +16,40 @@ counts and reports every kind of bad record in one place, against one limit.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import datasets
 
+from lmtune.data.json_records import (  # the record helpers are re-exported for later stages
+    LOCATION_COLUMN,
+    PROBLEM_COLUMN,
+    SKIP_HINT,
+    consistent_records,
+    decode_utf8,
+    describe_value,
+    read_json_records,
+    record_location,
+)
 from lmtune.errors import DataFormatError
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "LOCATION_COLUMN", "MAX_INVALID_SHARE", "PROBLEM_COLUMN", "SKIP_HINT", "describe_value", "load_file",
+    "load_hub_or_dir", "load_splits", "read_json_records", "record_location", "report_skipped", "source_problem",
+]
+
 TRAIN_SPLIT_CANDIDATES = ("train", "train_sft")
 VALIDATION_SPLIT_CANDIDATES = ("validation", "valid", "val", "test_sft", "test")
-LOCATION_COLUMN = "_lmtune_location"
-PROBLEM_COLUMN = "_lmtune_problem"
 # Share of bad records above which --skip_invalid_records still refuses to train.
 MAX_INVALID_SHARE = 0.1
-SKIP_HINT = "or pass --skip_invalid_records to skip bad records"
 _SHOWN_PROBLEMS = 5
-
-
-def record_location(record: dict, index: int) -> str:
-    """Where a record sits in its source: ``record 10 (line 11)`` for a JSON Lines file."""
-    return record.get(LOCATION_COLUMN) or f"record {index}"
 
 
 def source_problem(record: dict) -> str | None:
     """What stage 1 found wrong with a record kept for ``--skip_invalid_records``, or None."""
     return record.get(PROBLEM_COLUMN)
-
-
-def describe_value(value: Any, limit: int = 60) -> str:
-    """``a list (['Describe the…'])``: the JSON kind of a value and a short excerpt of it."""
-    if value is None:
-        return "null"
-    kinds = {str: "a string", bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}
-    kind = kinds.get(type(value), type(value).__name__)
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return f"{kind} ({text if len(text) <= limit else text[: limit - 1] + '…'})"
 
 
 def report_skipped(source: str, problems: list[str], total: int, what: str = "records") -> None:
@@ -78,260 +72,6 @@ def report_skipped(source: str, problems: list[str], total: int, what: str = "re
     more = f" ({len(problems) - _SHOWN_PROBLEMS} more not shown)" if len(problems) > _SHOWN_PROBLEMS else ""
     logger.warning("%s: skipped %d invalid %s of %d (%.1f%%)%s.", source, len(problems), what, total,
                    100 * share, more)
-
-
-def _undecodable(path: Path, raw: bytes, err: UnicodeDecodeError, offset: int = 0) -> str:
-    start = offset + err.start
-    line = raw[:start].count(b"\n") + 1
-    column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
-    return (f"{path}: line {line}, column {column}: byte 0x{raw[start]:02x} is not valid UTF-8; expected UTF-8 "
-            "text. Fix: re-save the file as UTF-8 (this byte looks like cp1252/latin-1 text)")
-
-
-def _reject_utf16(path: Path, raw: bytes) -> None:
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataFormatError(f"{path}: the file is UTF-16 encoded; expected UTF-8. Fix: re-save it as UTF-8.")
-
-
-def _decode(path: Path, raw: bytes) -> str:
-    _reject_utf16(path, raw)
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataFormatError(_undecodable(path, raw, err) + ".") from err
-
-
-def _read_json_array(path: Path, text: str) -> list[Any]:
-    """Parse ``[...]`` element by element, so that an error names the record it is in."""
-    decoder = json.JSONDecoder()
-    records: list[Any] = []
-    end = len(text)
-    pos = text.index("[") + 1
-
-    def skip_space(at: int) -> int:
-        while at < end and text[at] in " \t\r\n":
-            at += 1
-        return at
-
-    pos = skip_space(pos)
-    while pos < end and text[pos] != "]":
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(_array_syntax(path, text, err, len(records))) from err
-        records.append(record)
-        pos = skip_space(pos)
-        if pos < end and text[pos] == ",":
-            pos = skip_space(pos + 1)
-        elif pos < end and text[pos] != "]":
-            err = json.JSONDecodeError("Expecting ',' delimiter", text, pos)
-            raise DataFormatError(_array_syntax(path, text, err, len(records))) from None
-    if pos >= end:
-        err = json.JSONDecodeError("the array is never closed with ']'", text, end)
-        raise DataFormatError(_array_syntax(path, text, err, len(records)))
-    if text[pos + 1 :].strip():
-        line = text.count("\n", 0, pos) + 1
-        raise DataFormatError(f"{path}: line {line}: text after the closing ']'; expected the end of the file. "
-                              "Fix: remove it (two arrays in one file?).")
-    return records
-
-
-def _array_syntax(path: Path, text: str, err: json.JSONDecodeError, index: int) -> str:
-    truncated = not text.rstrip().endswith("]")
-    where = f"record {index}: {err.msg.removesuffix(' at')} at line {err.lineno}, column {err.colno}"
-    if truncated:
-        intact = f"records 0-{index - 1} are complete" if index else "no record is complete"
-        return (f"{path}: {where}; the file ends before its JSON array is closed, so it looks "
-                f"truncated ({intact}). Fix: restore the whole file.")
-    return (f"{path}: {where}: not valid JSON; expected a JSON array of objects. "
-            "Fix: repair the syntax there (a missing comma, quote or brace?).")
-
-
-def _whole_object_problem(path: Path, text: str) -> str | None:
-    """A .json file holding one object (columns, or records under a key) instead of records."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(value, dict) or text.strip().count("\n") == 0:
-        return None
-    lists = [key for key, item in value.items() if isinstance(item, list)]
-    hint = f" (are the records under '{lists[0]}'? save that list on its own)" if lists else ""
-    return (f"{path}: the file holds one JSON object{hint}; expected a JSON array of records, or one "
-            "JSON object per line. Fix: write the records as [{...}, {...}] or as JSON Lines.")
-
-
-def _read_json_lines(path: Path, raw: bytes, skip_invalid: bool) -> list[dict]:
-    """One object per line; a bad line is an error, or skipped and reported with --skip_invalid_records."""
-    records: list[dict] = []
-    offset = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
-    for number, line in enumerate(raw[offset:].split(b"\n"), start=1):
-        start = offset
-        offset += len(line) + 1
-        if not line.strip():
-            continue
-        problem, record = _parse_line(path, raw, line, number, start)
-        if problem is None:
-            record[LOCATION_COLUMN] = f"record {len(records)} (line {number})"
-        elif not skip_invalid:
-            raise DataFormatError(f"{problem}, {SKIP_HINT}.")
-        else:
-            record = {LOCATION_COLUMN: f"line {number}", PROBLEM_COLUMN: problem}
-        records.append(record)
-    return records
-
-
-def _parse_line(path: Path, raw: bytes, line: bytes, number: int, start: int) -> tuple[str | None, Any]:
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return _undecodable(path, raw, err, start), None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        return (f"{path}: line {number}, column {err.colno}: not valid JSON ({err.msg}); expected one complete "
-                "JSON object per line. Fix: repair that line (a missing brace, comma or quote?)"), None
-    if not isinstance(record, dict):
-        return (f"{path}: line {number}: is {describe_value(record)}; expected a JSON object with the record's "
-                "fields. Fix: write one {...} object per line"), None
-    return None, record
-
-
-def read_json_records(path: str | Path, *, skip_invalid: bool = False) -> list[dict]:
-    """Read a JSON array of objects, or JSON Lines, into a list of dicts.
-
-    The layout is taken from the content, not the suffix: a file starting with ``[`` is an
-    array, anything else one object per line. A UTF-8 byte-order mark and CRLF line ends are
-    accepted.
-
-    Args:
-        path: The file.
-        skip_invalid: Keep JSON Lines lines that are undecodable, not JSON or not objects as
-            rows holding only ``PROBLEM_COLUMN`` (for stage 2 to skip), instead of raising.
-
-    Returns:
-        The records, each with its ``LOCATION_COLUMN``.
-
-    Raises:
-        DataFormatError: naming the file, line/record and problem, for syntax errors,
-            undecodable bytes, an empty file or an entry that is not an object.
-    """
-    path = Path(path)
-    raw = path.read_bytes()
-    _reject_utf16(path, raw)
-    if not raw.strip(b" \t\r\n\xef\xbb\xbf"):
-        raise DataFormatError(
-            f"{path}: the file is empty ({len(raw)} bytes); expected a JSON array of records or one JSON object "
-            "per line. Fix: point the flag at the file that holds the data."
-        )
-    if raw.lstrip(b" \t\r\n\xef\xbb\xbf").startswith(b"["):
-        records = _read_json_array(path, _decode(path, raw))
-        for index, record in enumerate(records):
-            if not isinstance(record, dict):
-                raise DataFormatError(f"{path}: record {index} is {describe_value(record)}; expected an object "
-                                      "with the record's fields. Fix: make every array entry a {...} object.")
-            record[LOCATION_COLUMN] = f"record {index}"
-    else:
-        try:
-            whole = _whole_object_problem(path, raw.decode("utf-8-sig"))
-        except UnicodeDecodeError:
-            whole = None  # reported line by line below
-        if whole:
-            raise DataFormatError(whole)
-        records = _read_json_lines(path, raw, skip_invalid)
-    if not records:
-        raise DataFormatError(f"{path}: holds no records (an empty array); expected at least one record.")
-    return records
-
-
-def _shape(value: Any) -> Any:
-    """The Arrow-relevant structure of a JSON value: kind names, nested for lists and objects."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        element = None
-        for item in value:
-            element = _merge(element, _shape(item), "[]")
-        return ("list", element)
-    if isinstance(value, dict):
-        return ("object", {key: _shape(item) for key, item in value.items()})
-    return type(value).__name__
-
-
-class _Conflict(Exception):
-    """Two records disagree about the type at ``path`` (``.messages[].content``)."""
-
-    def __init__(self, path: str, first: Any, second: Any) -> None:
-        super().__init__(path)
-        self.path, self.first, self.second = path, first, second
-
-
-def _kind(shape: Any) -> str:
-    if isinstance(shape, tuple):
-        return "a list" if shape[0] == "list" else "an object"
-    return {"string": "a string", "number": "a number"}.get(shape, str(shape))
-
-
-def _merge(a: Any, b: Any, path: str) -> Any:
-    """One shape that holds both, as Arrow would infer it; ``_Conflict`` where none does."""
-    if a is None or a == b:
-        return b if a is None else a
-    if b is None:
-        return a
-    if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0]:
-        if a[0] == "list":
-            return ("list", _merge(a[1], b[1], path + "[]"))
-        keys = {**a[1], **b[1]}
-        return ("object", {k: _merge(a[1].get(k), b[1].get(k), f"{path}.{k}") for k in keys})
-    raise _Conflict(path, a, b)
-
-
-def _type_problems(path: Path, records: list[dict]) -> dict[int, tuple[str, str]]:
-    """Records whose field types differ from the rest (Arrow needs one type per column).
-
-    The type most records use is the expected one, so one bad record is named, not the good ones.
-    """
-    problems: dict[int, str] = {}
-    columns = {key for record in records for key in record} - {LOCATION_COLUMN}
-    for column in sorted(columns):
-        shapes = [_shape(record.get(column)) for record in records]
-        top_kinds = Counter(_kind(s) for s in shapes if s is not None)
-        if not top_kinds:
-            continue
-        usual, count = top_kinds.most_common(1)[0]
-        merged = None
-        for index, shape in enumerate(shapes):
-            if shape is None or index in problems:
-                continue
-            where = record_location(records[index], index)
-            if _kind(shape) != usual:
-                problems[index] = (column, f"{path}: {where}: field '{column}' is "
-                                   f"{describe_value(records[index][column])}; expected {usual}, as in {count} other records")
-                continue
-            try:
-                merged = _merge(merged, shape, column)
-            except _Conflict as conflict:
-                problems[index] = (column, f"{path}: {where}: field '{conflict.path}' is {_kind(conflict.second)}; "
-                                   f"expected {_kind(conflict.first)}, as in the records before it")
-    return problems
-
-
-def _consistent_records(path: Path, records: list[dict], skip_invalid: bool) -> list[dict]:
-    """Raise on the first record whose field types differ from the rest, or mark it for skipping."""
-    problems = _type_problems(path, records)
-    if problems and not skip_invalid:
-        message = problems[min(problems)][1]
-        raise DataFormatError(f"{message}. Fix: give that field the same type in every record, {SKIP_HINT}.")
-    for index, (column, message) in problems.items():
-        records[index][column] = None  # Arrow holds one type per column; the record is skipped anyway
-        records[index][PROBLEM_COLUMN] = message
-    return records
 
 
 def load_file(path: str | Path, *, skip_invalid: bool = False, flag: str = "--train_file") -> datasets.Dataset:
@@ -358,13 +98,13 @@ def load_file(path: str | Path, *, skip_invalid: bool = False, flag: str = "--tr
                               f"{Path.cwd()}).")
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
-        records = _consistent_records(path, read_json_records(path, skip_invalid=skip_invalid), skip_invalid)
+        records = consistent_records(path, read_json_records(path, skip_invalid=skip_invalid), skip_invalid)
         # Dataset.from_list takes its columns from the first record alone; a field that only
         # later records have would vanish without a word.
         columns = list(dict.fromkeys(key for record in records for key in record))
         return datasets.Dataset.from_dict({key: [record.get(key) for record in records] for key in columns})
     if suffix == ".txt":
-        lines = [line for line in _decode(path, path.read_bytes()).splitlines() if line.strip()]
+        lines = [line for line in decode_utf8(path, path.read_bytes()).splitlines() if line.strip()]
         if not lines:
             raise DataFormatError(f"{path}: the file is empty; expected one text per line.")
         return datasets.Dataset.from_dict({"text": lines})

@@ -38,6 +38,7 @@ from lmtune.evaluate.humaneval import check_completions, evaluate_humaneval, loa
 from lmtune.evaluate.lm_eval_bridge import LM_EVAL_MISSING, lm_eval_available, run_lm_eval
 from lmtune.evaluate.multiple_choice import score_truthfulqa
 from lmtune.evaluate.rouge import compute_rouge
+from lmtune.evaluate.seq2seq_scoring import score_truthfulqa_seq2seq
 from lmtune.evaluate.truthfulqa import load_truthfulqa
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,8 @@ def evaluate_benchmarks(
     batch_size: int = 8,
     cache_dir: str | None = None,
 ) -> dict[str, float]:
-    """Log-likelihood benchmarks: TruthfulQA MC1/MC2 built in, anything else through ``lm_eval``.
+    """Log-likelihood benchmarks: TruthfulQA MC1/MC2 built in (causal and seq2seq models), anything
+    else through ``lm_eval``.
 
     Returns:
         ``truthfulqa_mc1``/``truthfulqa_mc2`` as asked, and ``<task>_<metric>`` from lm_eval.
@@ -259,7 +261,9 @@ def evaluate_benchmarks(
     metrics: dict[str, float] = {}
     if builtin:
         questions = load_truthfulqa(truthfulqa_file, cache_dir=cache_dir)
-        scores = score_truthfulqa(model, tokenizer, questions, batch_size=batch_size, limit=limit)
+        seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        score = score_truthfulqa_seq2seq if seq2seq else score_truthfulqa
+        scores = score(model, tokenizer, questions, batch_size=batch_size, limit=limit)
         for key in dict.fromkeys(key for task in builtin for key in TRUTHFULQA_TASKS[task]):
             metrics[key] = scores[key]
         metrics["truthfulqa_questions"] = min(len(questions), limit or len(questions))

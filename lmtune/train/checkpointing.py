@@ -100,14 +100,15 @@ def _fsync_dir(path: Path) -> None:
 def commit_checkpoint(staged: Path, final: Path, step: int) -> Path:
     """Mark a fully written checkpoint complete and move it to its final name in one rename.
 
-    An existing ``final`` (an older save of the same step) is moved aside first and removed
-    only after the new one is in place.
+    An existing ``final`` (an older save of the same step, e.g. after a resume) is moved aside
+    first, under a staging name that the next run cleans up, and removed once the new one is
+    in place.
     """
     (staged / COMPLETE_MARKER).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
     _fsync_tree(staged)
     previous = None
     if final.exists():
-        previous = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
+        previous = final.with_name(f"{STAGING_PREFIX}{final.name}.old")
         shutil.rmtree(previous, ignore_errors=True)
         final.rename(previous)
     staged.rename(final)

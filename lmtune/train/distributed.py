@@ -21,13 +21,8 @@ from typing import Literal, NamedTuple
 import torch
 
 from lmtune.errors import ConfigError
-from lmtune.train.devices import (
-    DDP_BACKENDS,
-    check_device,
-    init_ccl_process_group,
-    init_deepspeed_process_group,
-    resolve_ddp_backend,
-)
+from lmtune.train.devices import DDP_BACKENDS, check_device, init_ccl_process_group, resolve_ddp_backend
+from lmtune.train.zero import init_deepspeed_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +283,25 @@ def setup_process(
     return info
 
 
+
+
+def fsdp_notice(fsdp: bool, use_cpu: bool) -> str | None:
+    """Why ``--fsdp`` will not shard this run, or None when it will.
+
+    accelerate builds its FSDP plugin only for accelerator process groups (GPU, XPU,
+    HPU, NPU, ...); a CPU run's Trainer wraps the model in plain DDP instead, so every
+    rank holds the whole model. Results are the same; memory is not.
+    """
+    if not (fsdp and use_cpu):
+        return None
+    import accelerate
+
+    return (f"--fsdp does not shard on CPU: accelerate {accelerate.__version__} builds FSDP only for GPU, XPU "
+            "and HPU process groups, so this run uses DDP and every rank holds the whole model. To shard "
+            "a model across CPU processes use --deepspeed with a ZeRO-3 config (examples/ds_zero3_config.json).")
+
+
 __all__ = [
-    "DistributedInfo", "apply_launcher_env", "check_device", "is_main_process", "map_launcher_env",
+    "DistributedInfo", "apply_launcher_env", "check_device", "fsdp_notice", "is_main_process", "map_launcher_env",
     "resolve_ddp_backend", "setup_process", "threads_per_rank",
 ]

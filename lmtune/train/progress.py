@@ -37,7 +37,13 @@ TOKENS_MEANING = "input tokens per second, padding excluded, all processes"
 LIBRARY_DEPRECATIONS = (
     # peft 0.21 reads PreTrainedModel.is_gradient_checkpointing, deprecated in transformers 5.
     (r".*is_gradient_checkpointing.* is deprecated", FutureWarning),
+    # peft 0.21's prefix tuning hands the model past_key_values, renamed `cache` in transformers 5.
+    (r"`past_key_values` is deprecated and will be removed", FutureWarning),
+    (r"Both `past_key_values` and `cache` are set", FutureWarning),
 )
+# Library log lines that say nothing to an lmtune user, by logger: lmtune picks the device itself
+# (--device), yet with DeepSpeed merely installed, accelerate's probe makes it announce its CPU fallback.
+LIBRARY_NOTICES = {"DeepSpeed": ("Setting accelerator to CPU",)}
 # Keys of the Trainer's log dicts that the progress display leaves out (TensorBoard keeps them).
 _HIDDEN_KEYS = {"epoch", "step", "total_flos", "num_input_tokens_seen"}
 
@@ -45,6 +51,17 @@ _HIDDEN_KEYS = {"epoch", "step", "total_flos", "num_input_tokens_seen"}
 def is_interactive(disable_tqdm: bool | None) -> bool:
     """True when a person watches a terminal and did not ask for ``--disable_tqdm``."""
     return not disable_tqdm and sys.stderr.isatty()
+
+
+class DropFilter(logging.Filter):
+    """Drop records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
 
 
 class OnceFilter(logging.Filter):
@@ -73,6 +90,11 @@ def configure_messages(*, interactive: bool) -> None:
     """
     for message, category in LIBRARY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for name, prefixes in LIBRARY_NOTICES.items():
+        # A logger's own filter; libraries that build their logger later keep it (getLogger returns this one).
+        library_logger = logging.getLogger(name)
+        if not any(isinstance(f, DropFilter) for f in library_logger.filters):
+            library_logger.addFilter(DropFilter(prefixes))
     for handler in logging.getLogger().handlers:
         # Only the console handler of logging.basicConfig (what the CLI sets up): handlers that an
         # application or a test framework installed keep every record they are sent.
