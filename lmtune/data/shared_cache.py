@@ -5,8 +5,10 @@ result with :func:`save_prepared` to :func:`prepared_cache_dir`; the other proce
 the node wait for it, then :func:`load_prepared` the same directory instead of loading,
 checking and tokenizing everything again. The directory's name hashes everything the
 result depends on (the ``prepare_data`` arguments, each input file's size and mtime,
-the tokenizer, the lmtune version, the host), so a rank whose view differs from its
-local main's finds nothing and says so, instead of training on other data.
+the tokenizer, the lmtune version, the node), so a rank whose view differs from its
+local main's finds nothing and says so, instead of training on other data. The local
+main always prepares afresh (no reuse across runs), so a changed hub dataset or lmtune
+checkout can never serve stale samples.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ def prepared_cache_dir(
         ``root/lmtune-prepared/<sha256 prefix>`` (not created here).
     """
     keyed = {k: v for k, v in inputs.items() if k not in _NOT_KEYED}
-    description = {"lmtune": lmtune.__version__, "host": socket.gethostname(), "inputs": _jsonable(keyed),
+    # One copy per node: torchrun's GROUP_RANK tells apart "nodes" that share a host.
+    node = f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '')}"
+    description = {"lmtune": lmtune.__version__, "node": node, "inputs": _jsonable(keyed),
                    "tokenizer": _tokenizer_fingerprint(tokenizer)}
     digest = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
     base = Path(root) if root else Path(datasets.config.HF_DATASETS_CACHE)
@@ -129,8 +133,18 @@ def save_prepared(data: PreparedData, path: str | os.PathLike) -> Path:
                 "packing": dataclasses.asdict(data.packing) if data.packing else None}
     # The manifest goes last: a directory without one is an interrupted write.
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    shutil.rmtree(path, ignore_errors=True)  # an earlier run's copy of the same inputs
-    os.replace(staging, path)
+    # Swap in whole: an earlier run's copy of the same inputs moves aside first (a directory
+    # cannot be renamed onto a non-empty one); readers that opened its files keep them.
+    old = path.parent / f".{path.name}.old.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path, old)
+    try:
+        os.replace(staging, path)
+    except OSError:  # another writer of the same inputs got there between the two renames
+        if not (path / MANIFEST).is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 
