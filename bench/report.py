@@ -27,7 +27,8 @@ class Measurement:
 
     def brief(self) -> str:
         r = self.result
-        return (f"wall {self.wall_s:.1f} s, {self.tokens_per_s:.1f} dataset tokens/s, peak RSS {self.peak_rss_mb:.0f} MB, "
+        return (f"wall {self.wall_s:.1f} s (setup {r['setup_s']:.1f} s, training {r['train_s']:.1f} s), "
+                f"{self.tokens_per_s:.1f} dataset tokens/s, peak RSS {self.peak_rss_mb:.0f} MB, "
                 f"train loss {r['train_loss']:.4f}, {r['steps']} steps, compute {r['compute']}, "
                 f"weights {r['weights']}, {r['threads']} threads, OMP_WAIT_POLICY {r['omp_wait_policy']}")
 

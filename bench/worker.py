@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: lmtune and bench/
 
-_RUN: dict = {"steps": []}
+_RUN: dict = {"steps": [], "process_start": time.perf_counter()}
 
 
 def install_step_timer() -> None:
@@ -92,6 +92,8 @@ def main(spec_path: str, result_path: str) -> None:
         weights=str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
         steps_timed=_RUN["steps"],
         train_start=_RUN["train_start"],
+        setup_s=_RUN["train_start"] - _RUN["process_start"],
+        train_s=_RUN["train_end"] - _RUN["train_start"],
         train_end=_RUN["train_end"],
         threads=__import__("torch").get_num_threads(),
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),

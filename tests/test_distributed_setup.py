@@ -41,10 +41,15 @@ def no_ccl(monkeypatch):
 
 @pytest.fixture
 def clean_launcher_env(monkeypatch):
+    """No launcher variables; whatever setup_process exports is undone afterwards."""
+    saved = dict(os.environ)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID",
                  "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # keep this process's thread count
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 # --- parse_process_flags: the flags read before TrainingArguments exists ---------------------

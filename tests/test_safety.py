@@ -23,6 +23,15 @@ from lmtune.model.load import load_config, load_model, load_tokenizer
 from lmtune.train.checkpointing import COMPLETE_MARKER, CheckpointSaveError
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread, and a busy 2-core machine punishes two spinning ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs: big enough for one tiny checkpoint, easy to fill."""

@@ -1,0 +1,151 @@
+"""The CPU bf16 check: flag parsing, the decision, the notice, and what a run does with it."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+import lmtune.finetune as finetune_module
+from lmtune.args import parse_args
+from lmtune.cli import main_clm
+from lmtune.train.cpu import Bf16Check, bf16_units, check_bf16, cpu_flags, matmul_gflops, read_cpuinfo
+
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu vme sse sse2 avx avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8
+bugs\t\t: spectre_v1
+
+processor\t: 1
+flags\t\t: fpu
+"""
+EPYC_ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu vme sse sse2 avx fma f16c avx2 sha_ni vaes vpclmulqdq
+"""
+GRAVITON3 = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp sve i8mm bf16
+"""
+
+
+def test_flags_come_from_the_first_processor_only():
+    assert {"amx_bf16", "avx512_bf16", "avx2"} <= cpu_flags(SAPPHIRE_RAPIDS)
+    assert "sse2" in cpu_flags(SAPPHIRE_RAPIDS)
+    assert cpu_flags(EPYC_ZEN3) >= {"avx2", "fma"}
+    assert cpu_flags("") == set() and cpu_flags("model name : x\n") == set()
+
+
+@pytest.mark.parametrize(
+    ("text", "units"),
+    [(SAPPHIRE_RAPIDS, ("amx_bf16", "avx512_bf16")), (EPYC_ZEN3, ()), (GRAVITON3, ("bf16",))],
+)
+def test_bf16_units_are_named_best_first(text, units):
+    assert bf16_units(cpu_flags(text)) == units
+
+
+def test_read_cpuinfo_of_a_missing_file_is_empty(tmp_path):
+    assert read_cpuinfo(tmp_path / "absent") == ""
+
+
+def test_without_measuring_the_flags_decide():
+    assert check_bf16(SAPPHIRE_RAPIDS, measure=False) == Bf16Check(("amx_bf16", "avx512_bf16"))
+    assert check_bf16(SAPPHIRE_RAPIDS, measure=False).helps
+    assert not check_bf16(EPYC_ZEN3, measure=False).helps
+    assert check_bf16(EPYC_ZEN3, measure=False).speedup is None
+
+
+def test_a_measurement_overrides_the_flags():
+    # A VM can hide the flags (or a build lack the kernels): the stopwatch has the last word.
+    assert Bf16Check((), bf16_gflops=30.0, fp32_gflops=10.0).helps
+    assert not Bf16Check(("amx_bf16",), bf16_gflops=5.0, fp32_gflops=10.0).helps
+    assert Bf16Check((), bf16_gflops=5.0, fp32_gflops=10.0).speedup == pytest.approx(0.5)
+
+
+def test_notice_when_bf16_would_not_help():
+    check = Bf16Check((), bf16_gflops=0.7, fp32_gflops=21.0)
+    assert check.notice(requested=True) == (
+        "--bf16 would not help here: this CPU has no bf16 matrix instructions (no amx_bf16 or avx512_bf16 in "
+        "/proc/cpuinfo), and measured bf16 matrix multiplies at 0.7 GFLOP/s against 21.0 GFLOP/s in float32 "
+        "(0.03x). Training in float32 instead, which is faster on this CPU and at least as accurate. bf16 pays "
+        "on CPUs with AMX (Xeon 4th gen and later) or AVX512-BF16."
+    )
+    assert check.notice(requested=False) is None
+
+
+def test_notice_names_present_flags_that_do_not_pay():
+    notice = Bf16Check(("avx512_bf16",), bf16_gflops=8.0, fp32_gflops=10.0).notice(requested=True)
+    assert notice.startswith("--bf16 would not help here: this CPU has avx512_bf16, and measured bf16")
+    assert "(0.80x)" in notice
+
+
+def test_hint_to_pass_bf16_only_when_it_clearly_pays():
+    fast = Bf16Check(("amx_bf16",), bf16_gflops=400.0, fp32_gflops=100.0)
+    assert fast.notice(requested=False) == (
+        "this CPU has amx_bf16 and measured bf16 matrix multiplies at 400.0 GFLOP/s against 100.0 GFLOP/s "
+        "in float32 (4.00x): pass --bf16 True to train faster."
+    )
+    assert fast.notice(requested=True) is None
+    assert Bf16Check(("amx_bf16",), bf16_gflops=120.0, fp32_gflops=100.0).notice(requested=False) is None
+    assert Bf16Check(("amx_bf16",)).notice(requested=False) is None  # flags alone: no numbers to cite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_gflops_measures_a_positive_rate(dtype):
+    assert matmul_gflops(dtype, m=16, k=32, n=32, seconds=0.0) > 0
+
+
+def test_the_measured_check_on_this_machine_is_consistent():
+    check = check_bf16(seconds=0.0)
+    assert check.bf16_gflops > 0 and check.fp32_gflops > 0
+    assert check.helps == (check.speedup >= 1.0)
+    assert check.units == bf16_units(cpu_flags(read_cpuinfo()))
+
+
+# --- what a run does with the check -------------------------------------------------------------
+
+SLOW_BF16 = Bf16Check((), bf16_gflops=1.0, fp32_gflops=20.0)
+FAST_BF16 = Bf16Check(("amx_bf16",), bf16_gflops=80.0, fp32_gflops=20.0)
+
+
+def _cpu_args(tmp_path, *extra):
+    argv = ["--model_name_or_path", "unused", "--train_file", "unused.json", "--output_dir", str(tmp_path),
+            "--do_train", "--use_cpu", "True", *extra]
+    return parse_args(argv)
+
+
+@pytest.mark.parametrize(("check", "requested", "kept"), [
+    (SLOW_BF16, True, False), (FAST_BF16, True, True), (SLOW_BF16, False, False), (FAST_BF16, False, False),
+])
+def test_run_keeps_bf16_only_where_it_pays(tmp_path, monkeypatch, caplog, check, requested, kept):
+    monkeypatch.setattr(finetune_module, "check_bf16", lambda measure=True: check)
+    args = _cpu_args(tmp_path, *(["--bf16", "True"] if requested else []))
+    with caplog.at_level(logging.WARNING, logger="lmtune"):
+        args = finetune_module._check_cpu_bf16(args)
+    assert args.training.bf16 is kept
+    notice = check.notice(requested=requested)
+    assert (notice in caplog.text) if notice else ("bf16" not in caplog.text)
+
+
+def test_finetune_with_bf16_on_a_cpu_without_it_trains_in_float32(tiny_llama_dir, alpaca_file, tmp_path,
+                                                                  monkeypatch, caplog):
+    monkeypatch.setattr(finetune_module, "check_bf16", lambda measure=True: SLOW_BF16)
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="lmtune"):
+            code = main_clm(["--model_name_or_path", str(tiny_llama_dir), "--train_file", str(alpaca_file),
+                             "--output_dir", str(out), "--do_train", "--bf16", "True", "--max_steps", "2",
+                             "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no",
+                             "--disable_tqdm", "True", "--no_cuda", "--dataset_concatenation"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    assert "--bf16 would not help here" in caplog.text
+    saved = json.loads((out / "lmtune_args.json").read_text())
+    assert saved["args"]["training"]["bf16"] is False
