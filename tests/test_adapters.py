@@ -38,14 +38,6 @@ METHOD_FLAGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def trainer_with_start(monkeypatch):
     """Keeps the real trainer ``finetune`` builds and a copy of its trainable weights before training."""

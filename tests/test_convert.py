@@ -30,14 +30,6 @@ from lmtune.export.convert_llama2c import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def stories() -> Path:
     folder = require_shared_data() / "models" / "stories260K"

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmtune.cli import main
@@ -15,14 +14,6 @@ from lmtune.errors import ConfigError
 from lmtune.evaluate.command import dataset_perplexity, parse_eval_args
 from lmtune.finetune import finetune
 from tiny_t5 import save_tiny_t5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a busy 2-core machine: ~10x faster on one thread
-    yield
-    torch.set_num_threads(threads)
 
 
 def results(directory) -> dict:

@@ -1,6 +1,5 @@
 """Tests for lmtune.evaluate.generation with tiny random models."""
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -54,15 +53,6 @@ def build_llama(vocab_size: int) -> LlamaForCausalLM:
         eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Run tiny models on one thread: OpenMP workers spinning on a busy 2-core box cost ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

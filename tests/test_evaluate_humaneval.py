@@ -3,7 +3,6 @@
 import gzip
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -164,15 +163,6 @@ def test_pipeline_truncates_checks_and_averages(monkeypatch: pytest.MonkeyPatch)
 def test_evaluate_rejects_bad_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         evaluate_humaneval(None, None, [ADD], **kwargs)
-
-
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """Run tiny models on one thread: OpenMP workers spinning on a busy 2-core box cost ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tiny_model_end_to_end(one_torch_thread: None) -> None:

@@ -2,7 +2,6 @@
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,34 +66,6 @@ def build_llama(vocab_size: int) -> LlamaForCausalLM:
         eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Run tiny models on one thread: OpenMP workers spinning on a busy 2-core box cost ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    return build_llama(len(tiny_tokenizer))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Run tiny models on one thread: OpenMP workers spinning on a busy 2-core box cost ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

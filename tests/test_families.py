@@ -64,15 +64,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 T5 = Family("flan-t5", "t5", dict(d_model=16, d_ff=32, num_layers=2, num_heads=4, d_kv=4, decoder_start_token_id=0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the CI machine's two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass(frozen=True)
 class _Ids:
     """The sizes a config needs, read without building a transformers tokenizer."""

@@ -16,15 +16,6 @@ from lmtune.cli import main, main_clm
 from lmtune.finetune import finetune
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run fastest on one thread, above all on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def base_flags(model_dir, data, out, *extra):
     return ["--model_name_or_path", str(model_dir), "--train_file", str(data), "--output_dir", str(out),
             "--do_train", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--lora_rank", "8",

@@ -22,14 +22,6 @@ from test_families import FAMILIES, T5, Family, build_family
 PROBE = torch.tensor([[1, 17, 42, 99, 7, 250, 3]])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _save_adapter(base_dir: Path, out: Path, peft_config, seq2seq: bool = False, run_args: bool = True) -> Path:
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     torch.manual_seed(1)

@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from matplotlib.image import imread
 from transformers import AutoModelForCausalLM
 
@@ -96,17 +95,8 @@ def test_no_logged_loss_means_no_plot_and_says_why(tmp_path, caplog):
     assert "lower --logging_steps" in caplog.text and not (tmp_path / "loss_curve.png").exists()
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny models run fastest on one thread, above all on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_real_runs_card_tells_how_to_load_the_adapter_and_it_works(tiny_llama_dir, alpaca_file, tmp_path, capsys,
-                                                                      one_thread):
+                                                                      one_torch_thread):
     out = tmp_path / "out"
     finetune(model_name_or_path=str(tiny_llama_dir), train_file=str(alpaca_file), output_dir=str(out),
              do_train=True, max_steps=2, logging_steps=1, per_device_train_batch_size=4, max_seq_length=96,

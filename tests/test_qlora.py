@@ -20,14 +20,6 @@ HAVE_BNB = quantize._bitsandbytes_version() is not None and quantize._bitsandbyt
 needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes >= 0.46 (CPU backend) is not installed")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def trainer_spy(monkeypatch):
     import lmtune.finetune

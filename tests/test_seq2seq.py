@@ -37,14 +37,6 @@ ARTICLE = "The council met on Monday and agreed to build a new bridge over the r
 HIGHLIGHTS = "Council agrees to build a bridge.\nWork starts next year."
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a busy 2-core machine: ~10x faster on one thread
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def t5_tokenizer():
     return build_t5_tokenizer()

@@ -35,14 +35,6 @@ from lmtune.evaluate.truthfulqa import load_truthfulqa, load_truthfulqa_csv, spl
 from lmtune.finetune import finetune
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a busy 2-core machine: ~10x faster on one thread
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir)

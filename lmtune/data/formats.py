@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from lmtune.data.sources import (  # MAX_INVALID_SHARE is re-exported: other stages import it from here
+from lmtune.data.sources import (
     LOCATION_COLUMN,
-    MAX_INVALID_SHARE,
+    MAX_INVALID_SHARE,  # noqa: F401  (re-exported: the chat stage imports it from here)
     PROBLEM_COLUMN,
     SKIP_HINT,
     describe_value,
@@ -37,8 +37,6 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 QUESTION_ANSWER_PROMPT = "Question: {question}\n\nAnswer: "
-
-__all__ = ["MAX_INVALID_SHARE", "RecordFormat", "alpaca_prompt", "check_record", "detect_format", "to_examples"]
 
 
 def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
