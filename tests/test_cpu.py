@@ -135,16 +135,11 @@ def test_finetune_with_bf16_on_a_cpu_without_it_trains_in_float32(tiny_llama_dir
                                                                   monkeypatch, caplog):
     monkeypatch.setattr(finetune_module, "check_bf16", lambda measure=True: SLOW_BF16)
     out = tmp_path / "out"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with caplog.at_level(logging.WARNING, logger="lmtune"):
-            code = main_clm(["--model_name_or_path", str(tiny_llama_dir), "--train_file", str(alpaca_file),
-                             "--output_dir", str(out), "--do_train", "--bf16", "True", "--max_steps", "2",
-                             "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no",
-                             "--disable_tqdm", "True", "--no_cuda", "--dataset_concatenation"])
-    finally:
-        torch.set_num_threads(threads)
+    with caplog.at_level(logging.WARNING, logger="lmtune"):
+        code = main_clm(["--model_name_or_path", str(tiny_llama_dir), "--train_file", str(alpaca_file),
+                         "--output_dir", str(out), "--do_train", "--bf16", "True", "--max_steps", "2",
+                         "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no",
+                         "--disable_tqdm", "True", "--no_cuda", "--dataset_concatenation"])
     assert code == 0
     assert "--bf16 would not help here" in caplog.text
     saved = json.loads((out / "lmtune_args.json").read_text())

@@ -23,15 +23,6 @@ from lmtune.model.load import load_config, load_model, load_tokenizer
 from lmtune.train.checkpointing import COMPLETE_MARKER, CheckpointSaveError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and a busy 2-core machine punishes two spinning ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs: big enough for one tiny checkpoint, easy to fill."""
@@ -184,3 +175,13 @@ def test_atomic_saves_keep_rotation_and_the_best_checkpoint(tiny_llama_dir, alpa
     assert all((out / name / COMPLETE_MARKER).is_file() for name in left)
     saved_best = json.loads((best / "trainer_state.json").read_text(encoding="utf-8"))["best_model_checkpoint"]
     assert ".staging" not in saved_best
+
+    with pytest.raises(ConfigError, match=r"holds a finished lmtune run \(train_results\.json\)"):
+        run_finetune(parse_for_model(argv))  # the same command again: nothing to resume, nothing overwritten
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    again = argv[: argv.index("--do_eval")] + ["--max_steps", "1", "--save_steps", "1", "--overwrite_output_dir",
+                                               "--report_to", "none", "--use_cpu", "True", "--max_seq_length", "256"]
+    run_finetune(parse_for_model(again))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # a fresh run, old ones cleared
+    assert json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))["global_step"] == 1
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
