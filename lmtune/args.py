@@ -76,7 +76,11 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
     keep_in_memory: bool = field(default=False, metadata={"help": "Keep the dataset in memory (no cache files)."})
     dataset_seed: int = field(default=42, metadata={"help": "Seed of the validation split shuffle."})
-    dataset_cache_directory: str | None = field(default=None, metadata={"help": "Cache directory for datasets."})
+    dataset_cache_directory: str | None = field(
+        default=None,
+        metadata={"help": "Where each node's local rank 0 of a multi-process run leaves the prepared data for "
+                  "the other ranks (removed once read; default: the datasets cache)."},
+    )
     dataset_concatenation: bool = field(
         default=False,
         metadata={"help": "Pack several samples into each --max_seq_length row (samples never attend to each other)."},

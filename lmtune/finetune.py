@@ -35,7 +35,7 @@ from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import PreparedData, RenderSettings, prepare_data
 from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.report import build_data_report, estimate_steps, format_data_report
-from lmtune.data.shared_cache import load_prepared, prepared_cache_dir, save_prepared
+from lmtune.data.shared_cache import discard_prepared, load_prepared, prepared_cache_dir, save_prepared
 from lmtune.evaluate.tasks import (
     ROUGE,
     TaskEvalSettings,
@@ -150,8 +150,12 @@ def _prepare(args: ParsedArgs, tokenizer, *, seq2seq: bool) -> PreparedData:
         if training.local_process_index == 0:
             prepared = prepare_data(tokenizer, **inputs)
             save_prepared(prepared, path)
-            return prepared
-        return load_prepared(path)
+        else:
+            prepared = load_prepared(path)
+    training.distributed_state.wait_for_everyone()  # every rank holds its data: the copy can go
+    if training.local_process_index == 0:
+        discard_prepared(path)
+    return prepared
 
 
 def _report_data(args: ParsedArgs, tokenizer, data: PreparedData, *, seq2seq: bool) -> dict[str, Any]:

@@ -18,8 +18,15 @@ import torch
 from lmtune import launch
 from lmtune.errors import ConfigError, UnsupportedError
 from lmtune.launch import LaunchArgs, build_launch_command, main, parse_launch_args
-from lmtune.train.distributed import (DistributedInfo, apply_launcher_env, check_device, is_main_process,
-                                      map_launcher_env, resolve_ddp_backend, threads_per_rank)
+from lmtune.train.distributed import (
+    DistributedInfo,
+    apply_launcher_env,
+    check_device,
+    is_main_process,
+    map_launcher_env,
+    resolve_ddp_backend,
+    threads_per_rank,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

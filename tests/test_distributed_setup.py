@@ -17,8 +17,8 @@ import torch
 from lmtune.args import ProcessFlags, parse_process_flags
 from lmtune.cli import main, main_clm
 from lmtune.data.prepare import RenderSettings, prepare_data
-from lmtune.data.shared_cache import MANIFEST, load_prepared, prepared_cache_dir, save_prepared
-from lmtune.errors import ConfigError, DataFormatError, UnsupportedError
+from lmtune.data.shared_cache import MANIFEST, discard_prepared, load_prepared, prepared_cache_dir, save_prepared
+from lmtune.errors import DataFormatError, UnsupportedError
 from lmtune.train.distributed import fsdp_notice, setup_process
 from lmtune.train.zero import init_deepspeed_process_group
 
@@ -164,6 +164,8 @@ def test_prepared_data_round_trips(tokenizer, prepared, tmp_path):
     assert "hub-secret" not in (path / MANIFEST).read_text()
     # A second run of the same inputs replaces the first copy whole.
     assert save_prepared(data, path) == path and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    discard_prepared(path)  # the loaded copy lives in memory: its files can go
+    assert not path.exists() and loaded.train.to_list() == data.train.to_list()
 
 
 def test_cache_key_follows_inputs_tokenizer_and_node(tokenizer, prepared, tmp_path, monkeypatch, alpaca_file):

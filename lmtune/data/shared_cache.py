@@ -2,13 +2,14 @@
 
 Contract: one process per node (the local main) runs ``prepare_data`` and writes the
 result with :func:`save_prepared` to :func:`prepared_cache_dir`; the other processes on
-the node wait for it, then :func:`load_prepared` the same directory instead of loading,
-checking and tokenizing everything again. The directory's name hashes everything the
+the node wait for it, then :func:`load_prepared` it into memory instead of loading,
+checking and tokenizing everything again; once all have, :func:`discard_prepared`
+removes it. The directory's name hashes everything the
 result depends on (the ``prepare_data`` arguments, each input file's size and mtime,
 the tokenizer, the lmtune version, the node), so a rank whose view differs from its
 local main's finds nothing and says so, instead of training on other data. The local
-main always prepares afresh (no reuse across runs), so a changed hub dataset or lmtune
-checkout can never serve stale samples.
+main always prepares afresh (the copy is a hand-off within one run, never reused), so a
+changed hub dataset or lmtune checkout can never serve stale samples.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def save_prepared(data: PreparedData, path: str | os.PathLike) -> Path:
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:
-    """Read what :func:`save_prepared` wrote.
+    """Read what :func:`save_prepared` wrote, into memory (as the local main holds its own).
 
     Raises:
         DataFormatError: ``path`` holds no complete prepared data.
@@ -170,5 +171,10 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
     )
     with _quiet_progress():
         for split in manifest["splits"]:
-            setattr(data, split, datasets.load_from_disk(str(path / split)))
+            setattr(data, split, datasets.load_from_disk(str(path / split), keep_in_memory=True))
     return data
+
+
+def discard_prepared(path: str | os.PathLike) -> None:
+    """Remove a copy every process has read (:func:`load_prepared` keeps nothing open)."""
+    shutil.rmtree(path, ignore_errors=True)

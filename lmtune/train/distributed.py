@@ -117,7 +117,7 @@ def map_launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
     local_rank = _read_int(environ, (*names.local_rank, "LOCAL_RANK"))
     local_size = _read_int(environ, (*names.local_size, "LOCAL_WORLD_SIZE"))
     if size is None or local_rank is None or local_size is None:
-        missing = [n[0] for n, v in zip(names[1:], (size, local_rank, local_size)) if v is None]
+        missing = [n[0] for n, v in zip(names[1:], (size, local_rank, local_size), strict=True) if v is None]
         raise ConfigError(
             f"{flavour} set {'/'.join(names.rank)} but not {', '.join(missing)}, so this rank's place "
             "in the job is unknown. Fix: launch with mpirun from MPICH, Intel MPI or Open MPI, "
