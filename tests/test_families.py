@@ -14,7 +14,6 @@ real trainer so the in-memory model can be compared with the saved adapter.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
-    AutoTokenizer,
     GPT2Tokenizer,
     PreTrainedModel,
 )
@@ -227,8 +225,6 @@ def test_default_lora_targets_follow_peft_table_or_fall_back_to_every_linear(tok
 
 
 def test_t5_takes_lora_and_generates(tokenizer, tmp_path):
-    from peft import PeftModel
-
     from lmtune.model.adapters import AdapterSettings, apply_adapter
 
     model_dir, _ = build_family(T5, tmp_path / "t5", tokenizer)

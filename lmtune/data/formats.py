@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from lmtune.data.sources import (
     LOCATION_COLUMN,
-    MAX_INVALID_SHARE,  # noqa: F401  (re-exported: the chat stage imports it from here)
     PROBLEM_COLUMN,
     SKIP_HINT,
     describe_value,
