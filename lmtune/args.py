@@ -344,6 +344,22 @@ def _raise_unknown(parser: HfArgumentParser, remaining: list[str]) -> None:
     raise ConfigError("; ".join(problems) + ". Run with --help for every flag.")
 
 
+def parse_command_flags(dataclass_type: type, argv: list[str], prog: str) -> Any:
+    """Parse the flags of one subcommand (``lmtune chat``, ``eval``, ``merge``) into its dataclass.
+
+    Raises:
+        ConfigError: for unknown flags (with a did-you-mean) or bad values.
+    """
+    parser = HfArgumentParser(dataclass_type, prog=prog, allow_abbrev=False)
+    try:
+        parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except SystemExit as exc:  # argparse exits on bad values; a library must raise instead
+        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
+    if remaining:
+        _raise_unknown(parser, remaining)
+    return parsed
+
+
 def parse_args(argv: list[str] | None = None, *, seq2seq: bool = False) -> ParsedArgs:
     """Parse flags (and ``--config FILE``) the way the reference's scripts do.
 

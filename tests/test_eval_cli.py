@@ -46,7 +46,7 @@ def test_reference_solutions_pass_all_164_problems(shared_data, tmp_path, capsys
     (["--task", "truthfulqa", "--output_dir", "o", "--model_name_or_path", "m", "--max_eval_samples", "0"],
      r"--max_eval_samples must be > 0 \(got 0\)"),
     (["--task", "truthfulqa", "--output_dir", "o", "--model_name_or_path", "m", "--humaneval_limt", "3"],
-     "unexpected argument --humaneval_limt"),
+     "unknown flag --humaneval_limt"),
 ])
 def test_bad_flags_are_named(argv, message):
     with pytest.raises(ConfigError, match=message):

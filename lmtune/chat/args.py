@@ -7,12 +7,12 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import HfArgumentParser
 
+from lmtune.args import parse_command_flags
 from lmtune.errors import ConfigError
 
 
@@ -72,18 +72,7 @@ def parse_chat_args(argv: list[str]) -> ChatArguments:
     Raises:
         ConfigError: for unknown flags (with a did-you-mean), bad values or a missing model.
     """
-    parser = build_chat_parser()
-    try:
-        (args, remaining) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except SystemExit as exc:  # argparse exits on bad values; a library must raise instead
-        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
-    if remaining:
-        known = [s for action in parser._actions for s in action.option_strings]
-        problems = []
-        for flag in remaining:
-            close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
-            problems.append(f"unexpected argument {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
-        raise ConfigError("; ".join(problems) + ". Run lmtune chat --help for every flag.")
+    args = parse_command_flags(ChatArguments, argv, "lmtune chat")
     if not args.model_name_or_path:
         raise ConfigError("--model_name_or_path is required: the base model the adapter was trained on.")
     return args

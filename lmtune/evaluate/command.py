@@ -14,7 +14,6 @@ results) in ``--output_dir``. ``--max_eval_samples`` caps records, problems or q
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import RenderSettings, prepare_data
 from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.sources import load_splits
+from lmtune.args import parse_command_flags
 from lmtune.errors import ConfigError
 from lmtune.evaluate.perplexity import perplexity_from_loss
 from lmtune.evaluate.tasks import (
@@ -112,18 +112,7 @@ def parse_eval_args(argv: list[str]) -> EvalArguments:
     Raises:
         ConfigError: for unknown flags (with a did-you-mean), bad values, or a missing required flag.
     """
-    parser = build_eval_parser()
-    try:
-        args, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except SystemExit as exc:  # argparse exits on bad values; a library must raise instead
-        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
-    if remaining:
-        known = [s for action in parser._actions for s in action.option_strings]
-        problems = []
-        for flag in remaining:
-            close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
-            problems.append(f"unexpected argument {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
-        raise ConfigError("; ".join(problems) + ". Run lmtune eval --help for every flag.")
+    args = parse_command_flags(EvalArguments, argv, "lmtune eval")
     problems = _problems(args)
     if problems:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))

@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Literal
 import torch
 from transformers import HfArgumentParser
 
+from lmtune.args import parse_command_flags
 from lmtune.errors import ConfigError
 from lmtune.model.load import fit_embeddings_to_tokenizer, load_config, load_model, load_tokenizer
 from lmtune.train.output_dir import ARGS_FILE, write_json
@@ -58,16 +58,7 @@ def parse_merge_args(argv: list[str]) -> MergeArguments:
     Raises:
         ConfigError: for unknown flags (with a did-you-mean), bad values, or a missing required flag.
     """
-    parser = build_merge_parser()
-    try:
-        (args, remaining) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except SystemExit as exc:  # argparse exits on bad values; a library must raise instead
-        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
-    if remaining:
-        known = [s for action in parser._actions for s in action.option_strings]
-        close = difflib.get_close_matches(remaining[0].split("=")[0], known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"unexpected argument {remaining[0]}{hint}. Run lmtune merge --help for every flag.")
+    args = parse_command_flags(MergeArguments, argv, "lmtune merge")
     missing = [f"--{name}" for name in ("adapter", "output_dir") if not getattr(args, name)]
     if missing:
         raise ConfigError(f"lmtune merge needs {' and '.join(missing)}: "
