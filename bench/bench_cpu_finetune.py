@@ -39,6 +39,8 @@ VARIANTS: dict[str, dict] = {
                          label="reference without concatenation in float32"),
     "lmtune-pad": dict(kind="lmtune", concatenation=False, bf16=True,
                        label="lmtune without --dataset_concatenation"),
+    "lmtune-ckpt": dict(kind="lmtune", concatenation=True, bf16=True, extra=["--activation_checkpointing", "True"],
+                        label="lmtune, the reference's flags plus --activation_checkpointing True (memory)"),
 }
 DEFAULT_VARIANTS = ("ref-concat", "ref-pad", "lmtune", "ref-concat-fp32")
 
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         large_base = dict(base, model_dir=str(large_dir), train_file=str(large_file))
         large = run_table(args.large_vocab_variants, large_base, 1, work_dir, "256k", args.omp_wait_policy)
     after = measure_ceiling()
-    ceiling = {d: (before[d] + after[d]) / 2 for d in before}
+    ceiling = {d: max(before[d], after[d]) for d in before}  # the best this (shared) machine did
     print(f"matmul ceiling (GFLOP/s, before / after): bf16 {before['bfloat16']:.1f} / {after['bfloat16']:.1f}, "
           f"fp32 {before['float32']:.1f} / {after['float32']:.1f}")
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))

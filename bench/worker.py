@@ -52,7 +52,7 @@ def lmtune_argv(spec: dict) -> list[str]:
     ]
     if spec["concatenation"]:
         argv.append("--dataset_concatenation")
-    return argv
+    return argv + spec.get("extra", [])
 
 
 def run_lmtune(spec: dict) -> dict:
