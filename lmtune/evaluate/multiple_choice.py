@@ -16,6 +16,7 @@ name lm-eval 0.4 lacks, no tokenizer). We reproduce lm-eval 0.4's HF backend:
 """
 
 import json
+from collections.abc import Callable
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,6 +361,23 @@ def score_truthfulqa(
         ConfigError: If ``limit`` < 1.
         DataFormatError: If there are no questions to score.
     """
+    return truthfulqa_scores(
+        questions, lambda requests: loglikelihoods(model, tokenizer, requests, batch_size=batch_size), limit=limit
+    )
+
+
+def truthfulqa_scores(
+    questions: list[MCQuestion],
+    score_requests: Callable[[list[tuple[str, str]]], list[float]],
+    *,
+    limit: int | None = None,
+) -> dict[str, float]:
+    """MC1 and MC2 from any (context, continuation) log-likelihood scorer, causal or seq2seq.
+
+    Raises:
+        ConfigError: If ``limit`` < 1.
+        DataFormatError: If there are no questions to score.
+    """
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1 or None (got {limit})")
     questions = questions[:limit]
@@ -370,7 +388,7 @@ def score_truthfulqa(
         for q in questions
         for answer in dict.fromkeys(q.mc1_choices + q.mc2_choices)
     ]
-    scores = dict(zip(requests, loglikelihoods(model, tokenizer, requests, batch_size=batch_size), strict=True))
+    scores = dict(zip(requests, score_requests(requests), strict=True))
     mc1 = mc2 = 0.0
     for q in questions:
         context = truthfulqa_context(q.question)

@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmtune.errors import ConfigError, DataFormatError
-from lmtune.evaluate.multiple_choice import MCQuestion, mc2_score, truthfulqa_context
+from lmtune.evaluate.multiple_choice import MCQuestion, truthfulqa_scores
 
 
 def encode_seq2seq_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
@@ -104,20 +104,7 @@ def score_truthfulqa_seq2seq(
         ConfigError: if ``limit`` < 1.
         DataFormatError: if there are no questions to score.
     """
-    if limit is not None and limit < 1:
-        raise ConfigError(f"limit must be >= 1 or None (got {limit})")
-    questions = questions[:limit]
-    if not questions:
-        raise DataFormatError("TruthfulQA scoring needs at least one question (got none)")
-    requests = [(truthfulqa_context(q.question), " " + answer)
-                for q in questions for answer in dict.fromkeys(q.mc1_choices + q.mc2_choices)]
-    scores = dict(zip(requests, seq2seq_loglikelihoods(model, tokenizer, requests, batch_size=batch_size),
-                      strict=True))
-    mc1 = mc2 = 0.0
-    for q in questions:
-        context = truthfulqa_context(q.question)
-        mc1_lls = [scores[(context, " " + answer)] for answer in q.mc1_choices]
-        best = max(range(len(mc1_lls)), key=lambda i: (mc1_lls[i], -i))  # the first of equals, as np.argmax
-        mc1 += q.mc1_labels[best]
-        mc2 += mc2_score([scores[(context, " " + answer)] for answer in q.mc2_choices], q.mc2_labels)
-    return {"truthfulqa_mc1": mc1 / len(questions), "truthfulqa_mc2": mc2 / len(questions)}
+    return truthfulqa_scores(
+        questions, lambda requests: seq2seq_loglikelihoods(model, tokenizer, requests, batch_size=batch_size),
+        limit=limit,
+    )
