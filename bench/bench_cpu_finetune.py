@@ -42,33 +42,36 @@ VARIANTS: dict[str, dict] = {
     "lmtune-ckpt": dict(kind="lmtune", concatenation=True, bf16=True, extra=["--activation_checkpointing", "True"],
                         label="lmtune, the reference's flags plus --activation_checkpointing True (memory)"),
 }
-DEFAULT_VARIANTS = ("ref-concat", "ref-pad", "lmtune", "ref-concat-fp32")
+DEFAULT_VARIANTS = ("ref-concat", "ref-pad", "lmtune", "lmtune-ckpt", "ref-concat-fp32", "ref-pad-fp32")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--records", type=int, default=64, help="Alpaca records per epoch (default 64).")
-    parser.add_argument("--max-seq-length", type=int, default=512, help="Row / truncation length (default 512).")
+    parser.add_argument("--records", type=int, default=None, help="Alpaca records per epoch (default 64; quick 16).")
+    parser.add_argument("--max-seq-length", type=int, default=None,
+                        help="Row / truncation length (default 512; quick 256).")
     parser.add_argument("--batch-size", type=int, default=4, help="per_device_train_batch_size (default 4).")
-    parser.add_argument("--repeats", type=int, default=2, help="Runs per variant, interleaved (default 2).")
+    parser.add_argument("--repeats", type=int, default=None, help="Runs per variant, interleaved (default 2; quick 1).")
     parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="llama-134m", help="Model preset.")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(DEFAULT_VARIANTS))
     parser.add_argument("--large-vocab", action="store_true",
                         help="Also run the 256K-vocabulary (Gemma-like) memory case after the main table.")
     parser.add_argument("--large-vocab-variants", nargs="+", choices=sorted(VARIANTS),
-                        default=["ref-concat", "lmtune"], help="Variants of the large-vocabulary case.")
+                        default=["ref-concat", "ref-concat-fp32", "lmtune"], help="Variants of the large-vocabulary case.")
     parser.add_argument("--large-vocab-records", type=int, default=8, help="Records of the large-vocabulary case.")
     parser.add_argument("--omp-wait-policy", choices=["own", "passive"], default="own",
                         help="own: each program keeps its own OpenMP setting (lmtune sleeps idle threads, the "
                              "reference spins them, torch's default); passive: OMP_WAIT_POLICY=PASSIVE for all.")
-    parser.add_argument("--quick", action="store_true", help="16 records, max_seq_length 256, 1 repeat.")
+    parser.add_argument("--quick", action="store_true", help="Defaults of 16 records, max_seq_length 256, 1 repeat.")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lmtune-bench",
                         help="Where the random-weight models are saved once.")
     parser.add_argument("--work-dir", type=Path, default=None, help="Run outputs and logs (default: a temp dir).")
     parser.add_argument("--results-json", type=Path, default=None, help="Also write every measurement here.")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.records, args.max_seq_length, args.repeats = 16, 256, 1
+    defaults = (16, 256, 1) if args.quick else (64, 512, 2)  # flags given explicitly win over --quick
+    for name, value in zip(("records", "max_seq_length", "repeats"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 

@@ -53,6 +53,7 @@ from lmtune.model.load import (
     load_tokenizer,
     resolve_dtype,
 )
+from lmtune.model.upcast import upcast_compute
 from lmtune.train.distributed import check_device, fsdp_notice, setup_process
 from lmtune.train.checkpointing import StopOnSignal
 from lmtune.train.cpu import check_bf16
@@ -88,18 +89,23 @@ def _with_device(args: ParsedArgs) -> ParsedArgs:
     return args
 
 
-def _check_cpu_bf16(args: ParsedArgs) -> ParsedArgs:
+def _check_cpu_bf16(args: ParsedArgs) -> tuple[ParsedArgs, bool]:
     """On a CPU, keep ``--bf16`` only where bf16 matrix multiplies beat float32 (``train/cpu.py``).
 
     Without AMX or AVX512-BF16, PyTorch emulates bf16 and training runs many times slower,
-    so the run trains in float32 instead and says so. Ranks of a distributed run decide
-    from the CPU flags alone, so that they all decide the same.
+    so the run computes in float32 instead and says so; an adapter run still keeps the
+    frozen weights in bf16, as asked (``model/upcast.py``). Ranks of a distributed run
+    decide from the CPU flags alone, so that they all decide the same.
+
+    Returns:
+        The arguments (``bf16`` off where it would not help), and whether to store the
+        frozen weights in bf16 while computing in float32.
     """
     training = args.training
     # A DeepSpeed config sets its own precision (the reference's pins bf16.enabled): dropping --bf16
     # would fail DeepSpeed's check of the config against these arguments at the first step.
     if not training.use_cpu or args.finetune.qlora or training.deepspeed:
-        return args
+        return args, False
     check = check_bf16(measure=False)
     if training.world_size == 1 and (training.bf16 or check.helps):  # timing costs about a second
         check = check_bf16(measure=True)
@@ -108,7 +114,8 @@ def _check_cpu_bf16(args: ParsedArgs) -> ParsedArgs:
         logger.warning(notice)
     if training.bf16 and not check.helps:
         args.training = dataclasses.replace(training, bf16=False)
-    return args
+        return args, not args.finetune.full_finetune
+    return args, False
 
 
 def _quant_settings(args: ParsedArgs) -> QuantSettings | None:
@@ -181,15 +188,19 @@ def _report_data(args: ParsedArgs, tokenizer, data: PreparedData, *, seq2seq: bo
     return report.to_metrics()
 
 
-def _build_model(args: ParsedArgs, config, tokenizer) -> tuple[PreTrainedModel, torch.dtype | None]:
+def _build_model(
+    args: ParsedArgs, config, tokenizer, *, bf16_storage: bool = False
+) -> tuple[PreTrainedModel, torch.dtype | None]:
     """Load, quantize (QLoRA), probe packing and attach the adapter.
+
+    ``bf16_storage``: load the weights in bf16 but compute in float32 (``_check_cpu_bf16``).
 
     Returns:
         The model to train, and the dtype of the explicit block-diagonal mask packed rows
         need (None when position_ids isolate samples, or nothing is packed).
     """
     model_args, ft, training = args.model, args.finetune, args.training
-    dtype = resolve_dtype(training.bf16, training.fp16, ft.full_finetune)
+    dtype = torch.bfloat16 if bf16_storage else resolve_dtype(training.bf16, training.fp16, ft.full_finetune)
     quant = _quant_settings(args)
     model = load_model(
         model_args.model_name_or_path, config, dtype=dtype,
@@ -200,15 +211,19 @@ def _build_model(args: ParsedArgs, config, tokenizer) -> tuple[PreTrainedModel, 
         device_map=quantized_device_map(training.device.type) if quant else None,
     )
     with whole_weights(model):  # ZeRO-3 loads the weights partitioned; the checks below run the model
-        return _adapt_model(args, model, tokenizer, dtype, quant)
+        return _adapt_model(args, model, tokenizer, dtype, quant, bf16_storage=bf16_storage)
 
 
 def _adapt_model(
-    args: ParsedArgs, model: PreTrainedModel, tokenizer, dtype: torch.dtype | None, quant: QuantSettings | None
+    args: ParsedArgs, model: PreTrainedModel, tokenizer, dtype: torch.dtype | None, quant: QuantSettings | None,
+    *, bf16_storage: bool = False,
 ) -> tuple[PreTrainedModel, torch.dtype | None]:
     """Fit the embeddings, prepare QLoRA, probe packing, attach the adapter (see ``_build_model``)."""
     ft, training = args.finetune, args.training
     fit_embeddings_to_tokenizer(model, tokenizer)
+    if bf16_storage:  # after any resize: new embedding rows must compute in float32 too
+        upcast_compute(model)
+        dtype = torch.float32
     # Training needs no KV cache, and with one transformers stops deriving the block-diagonal
     # mask of packed rows from their position_ids: packed samples would attend to each other.
     model.config.use_cache = False
@@ -326,7 +341,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     _configure_logging(training)
     if training.process_index == 0 and (notice := fsdp_notice(bool(training.fsdp), training.use_cpu)):
         logger.warning(notice)
-    args = _check_cpu_bf16(args)
+    args, bf16_storage = _check_cpu_bf16(args)
     training = args.training
     transformers.set_seed(training.seed)
     with training.main_process_first(desc="output directory"):
@@ -352,7 +367,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         if ft.overwrite_output_dir and checkpoint is None:
             clear_earlier_run(training.output_dir)
         write_run_args(training.output_dir, args_to_dict(args))
-    model, block_mask_dtype = _build_model(args, config, tokenizer)
+    model, block_mask_dtype = _build_model(args, config, tokenizer, bf16_storage=bf16_storage)
     collator = _collator(args, tokenizer, seq2seq=seq2seq, block_mask_dtype=block_mask_dtype)
     stopper = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
     seq2seq_trainer = seq2seq and isinstance(training, Seq2SeqTrainingArguments)

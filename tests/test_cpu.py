@@ -8,10 +8,16 @@ import logging
 import pytest
 import torch
 
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
 import lmtune.finetune as finetune_module
 from lmtune.args import parse_args
 from lmtune.cli import main_clm
+from lmtune.model.upcast import UpcastLinear, upcast_compute
 from lmtune.train.cpu import Bf16Check, bf16_units, check_bf16, cpu_flags, matmul_gflops, read_cpuinfo
+from tests.conftest import tiny_llama_config
 
 SAPPHIRE_RAPIDS = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -71,8 +77,8 @@ def test_notice_when_bf16_would_not_help():
     assert check.notice(requested=True) == (
         "--bf16 would not help here: this CPU has no bf16 matrix instructions (no amx_bf16 or avx512_bf16 in "
         "/proc/cpuinfo), and measured bf16 matrix multiplies at 0.7 GFLOP/s against 21.0 GFLOP/s in float32 "
-        "(0.03x). Training in float32 instead, which is faster on this CPU and at least as accurate. bf16 pays "
-        "on CPUs with AMX (Xeon 4th gen and later) or AVX512-BF16."
+        "(0.03x). Computing in float32 instead, which is faster on this CPU and at least as accurate; frozen "
+        "weights stay in bf16. bf16 pays on CPUs with AMX (Xeon 4th gen and later) or AVX512-BF16."
     )
     assert check.notice(requested=False) is None
 
@@ -125,8 +131,9 @@ def test_run_keeps_bf16_only_where_it_pays(tmp_path, monkeypatch, caplog, check,
     monkeypatch.setattr(finetune_module, "check_bf16", lambda measure=True: check)
     args = _cpu_args(tmp_path, *(["--bf16", "True"] if requested else []))
     with caplog.at_level(logging.WARNING, logger="lmtune"):
-        args = finetune_module._check_cpu_bf16(args)
+        args, bf16_storage = finetune_module._check_cpu_bf16(args)
     assert args.training.bf16 is kept
+    assert bf16_storage is (requested and not kept)  # asked for bf16, computing in float32: weights stay bf16
     notice = check.notice(requested=requested)
     assert (notice in caplog.text) if notice else ("bf16" not in caplog.text)
 
@@ -144,3 +151,64 @@ def test_finetune_with_bf16_on_a_cpu_without_it_trains_in_float32(tiny_llama_dir
     assert "--bf16 would not help here" in caplog.text
     saved = json.loads((out / "lmtune_args.json").read_text())
     assert saved["args"]["training"]["bf16"] is False
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+
+
+def test_full_finetuning_keeps_float32_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(finetune_module, "check_bf16", lambda measure=True: SLOW_BF16)
+    args, bf16_storage = finetune_module._check_cpu_bf16(_cpu_args(tmp_path, "--bf16", "True", "--full_finetune"))
+    assert args.training.bf16 is False and bf16_storage is False
+
+
+# --- bf16 storage, float32 arithmetic -----------------------------------------------------------
+
+
+def _twins(tied: bool):
+    """A bf16-stored model made to compute in float32, and a float32 model with the same (rounded) weights."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(97, tie_word_embeddings=tied)
+    half = LlamaForCausalLM(config).to(torch.bfloat16)
+    exact = LlamaForCausalLM(config)
+    exact.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    return upcast_compute(half), exact
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_upcast_model_computes_what_float32_computes_and_keeps_bf16_weights(tied):
+    half, exact = _twins(tied)
+    assert half.lm_head.weight.dtype == torch.bfloat16 and half.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert half.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert half.model.norm.weight.dtype == torch.float32
+    assert (half.lm_head.weight is half.model.embed_tokens.weight) is tied
+    assert isinstance(half.model.layers[0].self_attn.q_proj, UpcastLinear)
+    assert half.state_dict().keys() == exact.state_dict().keys()
+    ids = torch.randint(0, 97, (2, 9))
+    logits = half(ids).logits
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, exact(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_an_upcast_model_trains_float32_adapters_with_float32_gradients():
+    half, exact = _twins(tied=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    half, exact = get_peft_model(half, config), get_peft_model(exact, config)
+    exact.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    ids = torch.randint(0, 97, (2, 9))
+    grads = []
+    for model in (half, exact):
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
+    for name, grad in grads[0].items():
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_trainable_upcast_linear_still_gets_its_weight_gradient():
+    upcast = upcast_compute(torch.nn.Sequential(torch.nn.Linear(4, 3).to(torch.bfloat16)))[0]
+    assert isinstance(upcast, UpcastLinear) and upcast.weight.requires_grad
+    x = torch.randn(2, 4, requires_grad=True)
+    upcast(x).sum().backward()
+    assert upcast.weight.grad is not None and upcast.weight.grad.dtype == torch.bfloat16
+    assert x.grad.dtype == torch.float32

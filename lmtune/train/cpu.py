@@ -104,9 +104,9 @@ class Bf16Check:
         )
         if requested and not self.helps:
             return (
-                f"--bf16 would not help here: {found}, and {self._measured()}. Training in float32 instead, "
-                "which is faster on this CPU and at least as accurate. bf16 pays on CPUs with AMX "
-                "(Xeon 4th gen and later) or AVX512-BF16."
+                f"--bf16 would not help here: {found}, and {self._measured()}. Computing in float32 instead, "
+                "which is faster on this CPU and at least as accurate; frozen weights stay in bf16. bf16 pays "
+                "on CPUs with AMX (Xeon 4th gen and later) or AVX512-BF16."
             )
         if not requested and self.helps and self.speedup is not None and self.speedup >= 1.5:
             return f"{found} and {self._measured()}: pass --bf16 True to train faster."
