@@ -23,26 +23,16 @@ import torch
 import transformers
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Seq2SeqTrainingArguments
 
-from lmtune.args import (
-    ParsedArgs,
-    args_to_dict,
-    config_to_argv,
-    parse_args,
-    parse_process_flags,
-    validate_args,
-)
+from lmtune.args import ParsedArgs, args_to_dict, parse_args, parse_process_flags
+from lmtune.argv import config_to_argv
+from lmtune.data.chat_format import NEURAL_CHAT, resolve_chat_format
 from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import PreparedData, RenderSettings, prepare_data
 from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.report import build_data_report, estimate_steps, format_data_report
 from lmtune.data.shared_cache import discard_prepared, load_prepared, prepared_cache_dir, save_prepared
-from lmtune.evaluate.tasks import (
-    ROUGE,
-    TaskEvalSettings,
-    build_rouge_metrics,
-    check_task_evaluation,
-    run_task_evaluation,
-)
+from lmtune.evaluate.after_training import evaluate_after_training, generated_rouge_metrics, task_eval_settings
+from lmtune.evaluate.tasks import check_task_evaluation
 from lmtune.export.model_card import write_run_summary
 from lmtune.model.adapters import AdapterSettings, apply_adapter, check_method_allowed
 from lmtune.model.load import (
@@ -69,6 +59,7 @@ from lmtune.train.packing_check import PACK_BY_MASK, check_packing_isolation
 from lmtune.train.progress import check_report_to, configure_messages, install_progress, is_interactive
 from lmtune.train.trainer import build_trainer
 from lmtune.train.zero import whole_weights
+from lmtune.validation import validate_args
 
 logger = logging.getLogger(__name__)
 
@@ -263,66 +254,6 @@ def _collator(args: ParsedArgs, tokenizer, *, seq2seq: bool, block_mask_dtype: t
     return collator
 
 
-def _generated_rouge(args: ParsedArgs, model: PreTrainedModel, tokenizer):
-    """``--predict_with_generate --task summarization``: ROUGE of generated text at every evaluation.
-
-    Generation then runs with ``--max_target_length`` new tokens and ``--num_beams`` beams, unless
-    ``--generation_max_length`` / ``--generation_num_beams`` say otherwise (the model's own
-    generation config would stop T5 after 20 tokens).
-    """
-    training, data_args = args.training, args.data
-    if not (training.predict_with_generate and args.finetune.task == "summarization"):
-        return None
-    generation = model.generation_config
-    if training.generation_max_length is None:
-        generation.max_new_tokens = data_args.max_target_length
-    if training.generation_num_beams is None:
-        generation.num_beams = data_args.num_beams
-    return build_rouge_metrics(tokenizer)
-
-
-def _eval_settings(args: ParsedArgs) -> TaskEvalSettings:
-    data_args, ft, training = args.data, args.finetune, args.training
-    return TaskEvalSettings(
-        task=ft.task, do_eval=training.do_eval, do_lm_eval=ft.do_lm_eval, lm_eval_tasks=tuple(ft.lm_eval_tasks),
-        lm_eval_limit=ft.lm_eval_limit, truthfulqa_file=ft.truthfulqa_file,
-        max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length,
-        num_beams=data_args.num_beams, batch_size=ft.eval_generation_batch_size or training.per_device_eval_batch_size,
-        humaneval_file=ft.humaneval_file, humaneval_limit=ft.humaneval_limit,
-        humaneval_n_samples=ft.humaneval_n_samples, humaneval_temperature=ft.humaneval_temperature,
-        humaneval_top_p=ft.humaneval_top_p, humaneval_max_new_tokens=ft.humaneval_max_new_tokens,
-        skip_invalid_records=data_args.skip_invalid_records, cache_dir=args.model.cache_dir,
-    )
-
-
-def _evaluate(trainer, tokenizer, args: ParsedArgs, data: PreparedData) -> dict[str, Any]:
-    """Eval loss (all processes), then the task's own evaluations on the main process only.
-
-    ROUGE joins the ``eval_*`` metrics (eval_results.json); HumanEval and the ``--lm_eval_tasks``
-    benchmarks go to lm_eval_results.json; both reach all_results.json.
-    """
-    training = args.training
-    eval_metrics: dict[str, Any] = {}
-    if training.do_eval:
-        eval_metrics = trainer.evaluate()
-        eval_metrics["eval_samples"] = len(data.validation)
-    benchmarks: dict[str, Any] = {}
-    if trainer.is_world_process_zero():
-        results = run_task_evaluation(
-            trainer.model, tokenizer, _eval_settings(args), validation_records=data.raw_validation,
-            output_dir=training.output_dir, skip=[ROUGE] if "eval_rouge1" in eval_metrics else [],
-        )
-        eval_metrics.update(results.eval)
-        benchmarks = results.benchmarks
-    if training.do_eval:
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-    if benchmarks:
-        trainer.log_metrics("lm_eval", benchmarks)
-        trainer.save_metrics("lm_eval", benchmarks)
-    return {**eval_metrics, **benchmarks}
-
-
 def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     """Run one fine-tuning job as the arguments describe.
 
@@ -334,7 +265,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     """
     validate_args(args)
     _check_model_flags(args)
-    check_task_evaluation(_eval_settings(args))
+    check_task_evaluation(task_eval_settings(args))
     check_report_to(args.training.report_to)
     args = _with_device(args)
     model_args, data_args, ft, training = args.model, args.data, args.finetune, args.training
@@ -361,6 +292,10 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         special_tokens=data_args.special_tokens, model_type=config.model_type,
     )
     data = _prepare(args, tokenizer, seq2seq=seq2seq)
+    if ft.task == "chat" and ft.chat_template not in (None, "", NEURAL_CHAT, "tokenizer"):
+        # A Jinja file's template travels with the tokenizer saved in output_dir, which is then
+        # all `lmtune chat` or apply_chat_template need, even after the file is moved.
+        tokenizer.chat_template = resolve_chat_format(ft.chat_template, tokenizer).template
     if ft.dry_run:
         return _report_data(args, tokenizer, data, seq2seq=seq2seq)
     if training.process_index == 0:
@@ -374,7 +309,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     trainer = build_trainer(
         model, tokenizer, training, train_dataset=data.train, eval_dataset=data.validation,
         data_collator=collator, eval_ppl=ft.eval_ppl, callbacks=[stopper], seq2seq=seq2seq_trainer,
-        compute_metrics=_generated_rouge(args, model, tokenizer) if seq2seq_trainer else None,
+        compute_metrics=generated_rouge_metrics(args, model, tokenizer) if seq2seq_trainer else None,
     )
     install_progress(trainer)
     metrics: dict[str, Any] = {}
@@ -389,7 +324,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
         metrics.update(train_metrics)
-    metrics.update(_evaluate(trainer, tokenizer, args, data))
+    metrics.update(evaluate_after_training(trainer, tokenizer, args, data))
     if training.do_train and trainer.is_world_process_zero():
         write_run_summary(training.output_dir, trainer.state.log_history, world_size=training.world_size)
     return metrics
@@ -436,13 +371,16 @@ def parse_for_model(argv: list[str], *, seq2seq: bool | None = None) -> ParsedAr
             trust_remote_code=args.model.trust_remote_code, cache_dir=args.model.cache_dir,
         )
         if not is_seq2seq(config):
-            notices = logging.getLogger("lmtune.args")  # the first parse already gave its notices
-            level = notices.level
-            notices.setLevel(logging.ERROR)
+            # The first parse already gave the argument notices.
+            notices = [logging.getLogger(name) for name in ("lmtune.args", "lmtune.argv")]
+            levels = [notice.level for notice in notices]
+            for notice in notices:
+                notice.setLevel(logging.ERROR)
             try:
                 args = parse_args(argv, seq2seq=False)
             finally:
-                notices.setLevel(level)
+                for notice, level in zip(notices, levels):
+                    notice.setLevel(level)
     return args
 
 

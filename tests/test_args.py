@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PROJECT_ROOT
-from lmtune.args import parse_args, validate_args
+from lmtune.args import parse_args
+from lmtune.validation import validate_args
 from lmtune.errors import ConfigError
 
 REFERENCE_PAGE = PROJECT_ROOT.parent / "shared" / "seed" / "neuralchat-finetuning.md"
@@ -163,7 +164,7 @@ def test_validate_collects_every_problem():
 
 
 def test_python_api_accepts_the_same_arguments(tmp_path):
-    from lmtune.args import config_to_argv
+    from lmtune.argv import config_to_argv
 
     argv = config_to_argv({"output_dir": str(tmp_path), "lora_target_modules": ["q_proj", "v_proj"],
                            "dataset_concatenation": True, "peft": "lora", "max_steps": 3})

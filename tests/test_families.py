@@ -175,7 +175,7 @@ def first_logged_losses(output_dir: Path) -> list[float]:
 def test_family_trains_saves_reloads_and_generates(name, tmp_path, tokenizer, trainer_spy):
     from peft import PeftModel
 
-    from lmtune.args import config_to_argv
+    from lmtune.argv import config_to_argv
     from lmtune.cli import main_clm
     from lmtune.model.load import load_tokenizer
 

@@ -112,3 +112,41 @@ def test_hub_style_dataset_directory_and_streaming(tiny_llama_dir, shared_data, 
     streamed = finetune(output_dir=str(tmp_path / "stream"), dataset_name=str(hub / "tatsu-lab" / "alpaca"),
                         streaming=True, **common)
     assert streamed["train_samples"] == 12
+
+
+def test_evaluation_at_the_last_step_is_not_run_twice(tiny_llama_dir, alpaca_file, tmp_path, monkeypatch):
+    from lmtune.train.trainer import LmtuneTrainer
+
+    calls = []
+    evaluate = LmtuneTrainer.evaluate
+    monkeypatch.setattr(LmtuneTrainer, "evaluate", lambda self, *a, **k: calls.append(1) or evaluate(self, *a, **k))
+    out = tmp_path / "out"
+    metrics = finetune(model_name_or_path=str(tiny_llama_dir), train_file=str(alpaca_file), output_dir=str(out),
+                       do_train=True, do_eval=True, validation_split_percentage=20, max_steps=2,
+                       eval_strategy="steps", eval_steps=2, report_to="none", save_strategy="no", disable_tqdm=True,
+                       per_device_train_batch_size=4)
+    assert len(calls) == 1  # the Trainer's own evaluation at step 2; the final report reuses it
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logged = next(entry for entry in history if "eval_loss" in entry)
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved["eval_loss"] == metrics["eval_loss"] == logged["eval_loss"] and saved["eval_samples"] == 8
+    assert saved["eval_ppl"] == pytest.approx(torch.tensor(logged["eval_loss"]).exp().item(), rel=1e-5)
+
+
+def test_a_jinja_chat_template_is_saved_with_the_tokenizer(tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    template = tmp_path / "chatml.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}", encoding="utf-8")
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": conversation}) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    finetune(model_name_or_path=str(tiny_llama_dir), train_file=str(data), task="chat", chat_template=str(template),
+             output_dir=str(out), do_train=True, max_steps=1, report_to="none", save_strategy="no", disable_tqdm=True)
+    template.unlink()  # the run's output alone must carry the format
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.apply_chat_template(conversation, tokenize=False) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n")

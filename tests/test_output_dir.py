@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lmtune.args import args_to_dict, parse_args, validate_args
+from lmtune.args import args_to_dict, parse_args
+from lmtune.validation import validate_args
 from lmtune.errors import ConfigError
 from lmtune.train.checkpointing import (
     COMPLETE_MARKER,

@@ -70,6 +70,15 @@ def test_log_lines_show_step_loss_lr_tokens_per_second_and_eta(tmp_path, clock, 
     ]
 
 
+
+def test_summary_says_stopped_when_training_ended_before_its_last_step(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lmtune")
+    state = TrainerState(max_steps=10, global_step=4, epoch=0.4)
+    LogLinesCallback().on_log(training_args(tmp_path), state, TrainerControl(),
+                              logs={"train_runtime": 30.0, "train_loss": 2.25, "epoch": 0.4})
+    lines = [r.getMessage() for r in caplog.records if r.name == "lmtune.train.progress"]
+    assert lines == ["training stopped at step 4/10 in 0:00:30 · train_loss 2.2500"]
+
 def test_log_lines_measure_tokens_per_second_since_the_last_line_without_eval_time(tmp_path, clock, caplog):
     caplog.set_level(logging.INFO, logger="lmtune")
     args, control = training_args(tmp_path), TrainerControl()

@@ -164,6 +164,25 @@ def generate_batched(
         ConfigError: If a count is < 1, ``num_return_sequences`` exceeds ``num_beams``
             without sampling, or the tokenizer has no pad or eos token.
     """
+    _check_counts(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size,
+                  num_return_sequences=num_return_sequences, do_sample=do_sample)
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    try:
+        with generation_padding(tokenizer), torch.inference_mode():
+            config = build_generation_config(
+                model, tokenizer.pad_token_id, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                do_sample=do_sample, temperature=temperature, top_p=top_p, num_return_sequences=num_return_sequences,
+            )
+            return _generate_longest_first(model, tokenizer, prompts, config, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _check_counts(*, max_new_tokens: int, num_beams: int, batch_size: int, num_return_sequences: int,
+                  do_sample: bool) -> None:
     for name, value in (
         ("max_new_tokens", max_new_tokens),
         ("num_beams", num_beams),
@@ -177,39 +196,27 @@ def generate_batched(
             f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}) without "
             "sampling: greedy and beam search return at most one sequence per beam. Raise num_beams or set do_sample."
         )
-    if not prompts:
-        return []
+
+
+def _generate_longest_first(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], config, batch_size: int
+) -> list[str]:
+    """Batches of similar length (little padding), outputs returned in the prompts' order."""
     is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    per_prompt = config.num_return_sequences or 1
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     outputs: list[list[str]] = [[] for _ in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        with generation_padding(tokenizer), torch.inference_mode():
-            config = build_generation_config(
-                model,
-                tokenizer.pad_token_id,
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                num_return_sequences=num_return_sequences,
-            )
-            for start in range(0, len(order), batch_size):
-                indices = order[start : start + batch_size]
-                batch = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True)
-                batch = batch.to(model.device)
-                generated = model.generate(**batch, generation_config=config)
-                if is_seq2seq:
-                    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-                else:
-                    # Left padding aligns every prompt to end at the same column.
-                    prompt_length = batch["input_ids"].shape[1]
-                    texts = [decode_continuation(tokenizer, row, prompt_length) for row in generated]
-                for row, index in enumerate(indices):
-                    outputs[index] = texts[row * num_return_sequences : (row + 1) * num_return_sequences]
-    finally:
-        model.train(was_training)
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(model.device)
+        generated = model.generate(**batch, generation_config=config)
+        if is_seq2seq:
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        else:
+            # Left padding aligns every prompt to end at the same column.
+            prompt_length = batch["input_ids"].shape[1]
+            texts = [decode_continuation(tokenizer, row, prompt_length) for row in generated]
+        for row, index in enumerate(indices):
+            outputs[index] = texts[row * per_prompt : (row + 1) * per_prompt]
     return [text for group in outputs for text in group]

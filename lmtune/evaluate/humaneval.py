@@ -292,6 +292,30 @@ def evaluate_humaneval(
             are out of range (checked before anything is generated).
         DataFormatError: If there are no problems to evaluate.
     """
+    _check_sampling_settings(n_samples, k, limit)
+    _check_pool_settings(workers, timeout)
+    problems = problems[:limit]
+    if not problems:
+        raise DataFormatError("HumanEval needs at least one problem (got none)")
+    sampling = n_samples > 1
+    generations = generate_batched(
+        model, tokenizer, [problem["prompt"] for problem in problems], max_new_tokens=max_new_tokens,
+        batch_size=batch_size, do_sample=sampling, temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None, num_return_sequences=n_samples,
+    )
+    completions = [truncate_at_stop(text) for text in generations]
+    checks = [(problems[i // n_samples], completion) for i, completion in enumerate(completions)]
+    per_problem = _per_problem(problems, completions, check_completions(checks, timeout=timeout, workers=workers))
+    metrics: dict = {
+        f"humaneval_pass@{value}": sum(pass_at_k(n_samples, sum(p["passed"]), value) for p in per_problem)
+        / len(per_problem)
+        for value in k
+    }
+    metrics["humaneval_per_problem"] = per_problem
+    return metrics
+
+
+def _check_sampling_settings(n_samples: int, k: tuple[int, ...], limit: int | None) -> None:
     if n_samples < 1:
         raise ConfigError(f"n_samples must be >= 1 (got {n_samples})")
     bad_k = [value for value in k if not 1 <= value <= n_samples]
@@ -301,40 +325,18 @@ def evaluate_humaneval(
         )
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1 or None (got {limit})")
-    _check_pool_settings(workers, timeout)
-    problems = problems[:limit]
-    if not problems:
-        raise DataFormatError("HumanEval needs at least one problem (got none)")
-    sampling = n_samples > 1
-    generations = generate_batched(
-        model,
-        tokenizer,
-        [problem["prompt"] for problem in problems],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
-        num_return_sequences=n_samples,
-    )
-    completions = [truncate_at_stop(text) for text in generations]
-    checks = [(problems[i // n_samples], completion) for i, completion in enumerate(completions)]
-    outcomes = check_completions(checks, timeout=timeout, workers=workers)
-    per_problem = []
+
+
+def _per_problem(problems: list[dict], completions: list[str], outcomes: list[tuple[bool, str]]) -> list[dict]:
+    """Completions and test outcomes regrouped by problem (``n_samples`` consecutive rows each)."""
+    n_samples = len(completions) // len(problems)
+    grouped = []
     for index, problem in enumerate(problems):
         rows = range(index * n_samples, (index + 1) * n_samples)
-        per_problem.append(
-            {
-                "task_id": problem["task_id"],
-                "completions": [completions[i] for i in rows],
-                "passed": [outcomes[i][0] for i in rows],
-                "results": [outcomes[i][1] for i in rows],
-            }
-        )
-    metrics: dict = {
-        f"humaneval_pass@{value}": sum(pass_at_k(n_samples, sum(p["passed"]), value) for p in per_problem)
-        / len(per_problem)
-        for value in k
-    }
-    metrics["humaneval_per_problem"] = per_problem
-    return metrics
+        grouped.append({
+            "task_id": problem["task_id"],
+            "completions": [completions[i] for i in rows],
+            "passed": [outcomes[i][0] for i in rows],
+            "results": [outcomes[i][1] for i in rows],
+        })
+    return grouped

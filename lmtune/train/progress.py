@@ -178,7 +178,10 @@ def _summary_line(state: TrainerState, logs: dict[str, float]) -> str:
     values = [f"{k} {_number(k, v)}" for k, v in shown.items() if not k.endswith(("_runtime", "_per_second"))]
     took = f" ({_duration(runtime)})" if runtime is not None else ""
     if "train_loss" in shown:
-        return f"training done: {state.global_step} steps in {_duration(runtime or 0.0)} · " + " · ".join(values)
+        # A signal (Ctrl-C, SIGTERM) or an early-stopping callback can end training before max_steps.
+        done = (f"training done: {state.global_step} steps" if state.global_step >= state.max_steps
+                else f"training stopped at step {state.global_step}/{state.max_steps}")
+        return f"{done} in {_duration(runtime or 0.0)} · " + " · ".join(values)
     label = "eval" if any(k.startswith("eval_") for k in shown) else "log"
     return f"{label} at step {state.global_step}/{state.max_steps}{took}: " + " · ".join(values)
 
