@@ -78,7 +78,8 @@ def test_notice_when_bf16_would_not_help():
         "--bf16 would not help here: this CPU has no bf16 matrix instructions (no amx_bf16 or avx512_bf16 in "
         "/proc/cpuinfo), and measured bf16 matrix multiplies at 0.7 GFLOP/s against 21.0 GFLOP/s in float32 "
         "(0.03x). Computing in float32 instead, which is faster on this CPU and at least as accurate; frozen "
-        "weights stay in bf16. bf16 pays on CPUs with AMX (Xeon 4th gen and later) or AVX512-BF16."
+        "weights stay in bf16, activations take twice the memory (add --activation_checkpointing True if memory "
+        "is short). bf16 pays on CPUs with AMX (Xeon 4th gen and later) or AVX512-BF16."
     )
     assert check.notice(requested=False) is None
 

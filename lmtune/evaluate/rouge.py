@@ -20,10 +20,9 @@ What differs, on purpose:
   abbreviation that the trained model knows.
 """
 
-from functools import cache
+from __future__ import annotations
 
-from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
-from rouge_score import rouge_scorer
+from functools import cache
 
 from lmtune.errors import DataFormatError
 
@@ -39,17 +38,23 @@ _ABBREVIATIONS = frozenset(
 )
 
 
+# nltk and rouge_score are imported on first use: importing them takes about a second,
+# which every fine-tuning run would pay at start-up whether or not it scores ROUGE.
 @cache
-def _sentence_tokenizer() -> PunktSentenceTokenizer:
+def _sentence_tokenizer():
     """Build the offline Punkt splitter once."""
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
     params = PunktParameters()
     params.abbrev_types = set(_ABBREVIATIONS)
     return PunktSentenceTokenizer(params)
 
 
 @cache
-def _scorer(use_stemmer: bool) -> rouge_scorer.RougeScorer:
+def _scorer(use_stemmer: bool):
     """Build the ``rouge_score`` scorer once per stemming choice."""
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
 
 

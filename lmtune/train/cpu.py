@@ -105,7 +105,8 @@ class Bf16Check:
         if requested and not self.helps:
             return (
                 f"--bf16 would not help here: {found}, and {self._measured()}. Computing in float32 instead, "
-                "which is faster on this CPU and at least as accurate; frozen weights stay in bf16. bf16 pays "
+                "which is faster on this CPU and at least as accurate; frozen weights stay in bf16, activations "
+                "take twice the memory (add --activation_checkpointing True if memory is short). bf16 pays "
                 "on CPUs with AMX (Xeon 4th gen and later) or AVX512-BF16."
             )
         if not requested and self.helps and self.speedup is not None and self.speedup >= 1.5:
