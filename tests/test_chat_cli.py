@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,10 +16,12 @@ from transformers.generation.streamers import BaseStreamer
 
 from conftest import PROJECT_ROOT, write_jsonl
 from lmtune.chat.args import ChatArguments, parse_chat_args
-from lmtune.chat.session import build_session, chat_loop, load_chat_model
+from lmtune.chat.prompting import completion_prompt_ids
+from lmtune.chat.session import build_session, chat_loop, choose_chat_format, load_chat_model, read_training_settings
 from lmtune.cli import main
 from lmtune.data.prepare import RenderSettings, prepare_data
-from lmtune.errors import ConfigError
+from lmtune.errors import ConfigError, DataFormatError
+from lmtune.train.output_dir import write_run_args
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
@@ -27,6 +32,12 @@ CONVERSATION = [
     {"role": "assistant", "content": "It is 4."}, {"role": "user", "content": "Thanks!"},
     {"role": "assistant", "content": "You are welcome."},
 ]
+INSTRUCTION = "Give three tips for staying healthy."
+# Written out here, not imported, so that a change to the training template fails these tests.
+ALPACA_PROMPT = (
+    "<s>Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    f"\n\n### Instruction:\n{INSTRUCTION}\n\n### Response:\n"
+)
 
 
 class RecordingStreamer(BaseStreamer):
@@ -79,6 +90,7 @@ def test_prompt_answers_once_in_the_trained_format(chat_run, tiny_llama_dir, cap
     args = parse_chat_args(argv)
     session = build_session(args, *load_chat_model(args))
     assert session.chat_format.name == str(template)  # read back from the adapter's lmtune_args.json
+    assert session.prompt_format == "chat"
     assert session.tokenizer.decode(session.prompt_ids("What is 2 plus 2?")) == (
         "<|im_start|>user\nWhat is 2 plus 2?<|im_end|>\n<|im_start|>assistant\n")
     assert printed == session.reply("What is 2 plus 2?") + "\n"
@@ -155,7 +167,7 @@ def test_chat_loop_reset_and_exit(tokenizer, tiny_llama_dir, capsys):
 
 
 def test_chat_command_errors(tiny_llama_dir, tmp_path, capsys):
-    assert main(["chat", "--help"]) == 0 and "--max_new_tokens" in capsys.readouterr().out
+    assert main(["chat", "--help"]) == 0 and "--prompt_format {auto,chat,completion}" in capsys.readouterr().out
     assert main(["chat", "--prompt", "hi"]) == 2
     assert "--model_name_or_path is required" in capsys.readouterr().err
     assert main(["chat", "--model_name_or_path", str(tiny_llama_dir), "--max_new_token", "3"]) == 2
@@ -184,3 +196,139 @@ def test_multi_turn_session_through_stdin(chat_run, tiny_llama_dir):
     first, second = session.reply("Hi"), session.reply("And then?")  # the second answer sees the first turn
     assert turns[1:3] == [first + "\n", second + "\n"]
     assert turns[4] == turns[1]  # after /reset the same question gets the same (greedy) answer
+
+
+# ---- --prompt_format: completion-trained models get the Alpaca prompt they were trained on ----
+
+
+def _run_dir(tiny_llama_dir, tmp_path, task: str | None):
+    """The tiny model in a directory that looks like a finished lmtune run trained with ``--task task``."""
+    run = tmp_path / f"run-{task}"
+    shutil.copytree(tiny_llama_dir, run)
+    if task is not None:
+        write_run_args(str(run), {"finetune": {"task": task, "chat_template": None}})
+    return run
+
+
+@pytest.mark.parametrize("task, prompt_format", [
+    ("completion", "completion"), ("code-generation", "completion"), ("chat", "chat"), ("summarization", "chat"),
+    (None, "chat"),
+])
+def test_auto_prompt_format_follows_the_training_task(tokenizer, tiny_llama_dir, tmp_path, task, prompt_format):
+    run = _run_dir(tiny_llama_dir, tmp_path, task)
+    chat_format = choose_chat_format(ChatArguments(model_name_or_path=str(run)), tokenizer,
+                                     read_training_settings(str(run)))
+    assert (chat_format is None) == (prompt_format == "completion")
+    if chat_format is not None:
+        assert chat_format.name == "neural-chat"
+
+
+def test_a_checkpoint_is_prompted_as_its_run_was_trained(tiny_llama_dir, tmp_path):
+    run = _run_dir(tiny_llama_dir, tmp_path, "completion")
+    (run / "checkpoint-2").mkdir()
+    assert read_training_settings(str(run / "checkpoint-2")) == {"task": "completion", "chat_template": None}
+    assert read_training_settings(str(tmp_path)) == {}
+
+
+def test_completion_trained_model_gets_exactly_the_training_prompt(tokenizer, tiny_llama_dir, tmp_path):
+    args = ChatArguments(model_name_or_path=str(_run_dir(tiny_llama_dir, tmp_path, "completion")), max_new_tokens=3)
+    session = build_session(args, *load_chat_model(args))
+    assert session.prompt_format == "completion" and session.chat_format is None
+    streamer = RecordingStreamer()
+    session.reply(INSTRUCTION, streamer=streamer)
+    given = streamer.calls[0]  # what generate() was handed
+    assert tokenizer.decode(given) == ALPACA_PROMPT
+    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": INSTRUCTION, "input": "", "output": "Eat well."}])
+    train_ids = prepare_data(tokenizer, task="completion", train_file=str(data)).train[0]["input_ids"]
+    answer = tokenizer("Eat well.", add_special_tokens=False).input_ids
+    assert train_ids == given + answer + [tokenizer.eos_token_id]
+    # Each message stands alone: no history is kept or shown.
+    assert session.history == [] and session.prompt_ids("Again") == completion_prompt_ids(
+        tokenizer, "Again", seq2seq=False)
+
+
+def test_seq2seq_completion_prompt_is_the_training_encoder_input(tokenizer, tmp_path):
+    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f" {INSTRUCTION} ", "output": "Eat well."}])
+    train = prepare_data(tokenizer, task="completion", train_file=str(data), seq2seq=True).train[0]
+    ids = completion_prompt_ids(tokenizer, f" {INSTRUCTION} ", seq2seq=True)
+    assert ids == train["input_ids"] and tokenizer.decode(ids).endswith(f"{INSTRUCTION}\n\n### Response:")
+
+
+def test_prompt_format_overrides_the_training_task(tokenizer, tiny_llama_dir, tmp_path, caplog):
+    completion_run = _run_dir(tiny_llama_dir, tmp_path, "completion")
+    args = ChatArguments(model_name_or_path=str(completion_run), prompt_format="chat", system="Be brief.")
+    with caplog.at_level(logging.INFO, logger="lmtune.chat.session"):
+        session = build_session(args, *load_chat_model(args))
+    assert "trained with --task completion; chatting in the chat format as --prompt_format chat asks" in caplog.text
+    assert session.chat_format.name == "neural-chat" and tokenizer.decode(session.prompt_ids(INSTRUCTION)) == (
+        f"<s>### System:\nBe brief.</s>\n### User:\n{INSTRUCTION}</s>\n### Assistant:\n")
+    chat_run = _run_dir(tiny_llama_dir, tmp_path, "chat")
+    args = ChatArguments(model_name_or_path=str(chat_run), prompt_format="completion")
+    with caplog.at_level(logging.WARNING, logger="lmtune.chat.session"):
+        session = build_session(args, *load_chat_model(args))
+    assert "the model was trained with --task chat, not on completion prompts" in caplog.text
+    assert tokenizer.decode(session.prompt_ids(INSTRUCTION)) == ALPACA_PROMPT
+    args = parse_chat_args(["--model_name_or_path", str(tiny_llama_dir), "--prompt_format", "completion"])
+    assert build_session(args, *load_chat_model(args)).prompt_format == "completion"  # no run record needed
+
+
+def test_prompt_format_errors(tiny_llama_dir, tmp_path, capsys):
+    assert main(["chat", "--model_name_or_path", str(tiny_llama_dir), "--prompt_format", "alpaca"]) == 2
+    assert "--prompt_format/--prompt-format: invalid choice: 'alpaca' (choose from 'auto', 'chat', 'completion')" in (
+        capsys.readouterr().err)
+    with pytest.raises(ConfigError, match=r"^--prompt_format completon is not allowed \(did you mean completion\?\); "
+                                          r"allowed: auto, chat, completion\.$"):
+        ChatArguments(model_name_or_path="m", prompt_format="completon")
+    record_only = tmp_path / "record-only"  # no weights: the flag conflict is found before any load
+    write_run_args(str(record_only), {"finetune": {"task": "completion"}})
+    assert main(["chat", "--model_name_or_path", str(record_only), "--system", "Be brief.", "--prompt", "Hi"]) == 2
+    assert ("lmtune: error: --system applies only to the chat format, but each message goes to the model alone in "
+            "the Alpaca completion prompt (the model was trained with --task completion).") in capsys.readouterr().err
+    run = _run_dir(tiny_llama_dir, tmp_path, "completion")
+    args = ChatArguments(model_name_or_path=str(run), system="Be brief.", chat_template="neural-chat")
+    with pytest.raises(ConfigError, match=r"^--system and --chat_template apply only to the chat format, but each "
+                                          r"message goes to the model alone in the Alpaca completion prompt \(the "
+                                          r"model was trained with --task completion\)\. Drop --system and "
+                                          r"--chat_template, or pass --prompt_format chat"):
+        build_session(args, *load_chat_model(args))
+    args = ChatArguments(model_name_or_path=str(run), max_prompt_tokens=10)
+    session = build_session(args, *load_chat_model(args))
+    with pytest.raises(DataFormatError, match=r"^chat: the message makes a \d+-token completion prompt, more than "
+                                              r"the 10 allowed \(--max_prompt_tokens\); shorten it\.$"):
+        session.reply(INSTRUCTION)
+
+
+@pytest.fixture(scope="module")
+def completion_run(tiny_llama_dir, demo_records, tmp_path_factory):
+    """An adapter trained with --task completion on Alpaca records (3 steps on the tiny model)."""
+    from lmtune.finetune import finetune
+
+    root = tmp_path_factory.mktemp("completion-run")
+    data = root / "alpaca.json"
+    data.write_text(json.dumps(demo_records[:12]), encoding="utf-8")
+    out = root / "out"
+    finetune(
+        model_name_or_path=str(tiny_llama_dir), train_file=str(data), task="completion", output_dir=str(out),
+        do_train=True, max_steps=3, per_device_train_batch_size=4, max_seq_length=256, learning_rate=1e-3,
+        report_to="none", save_strategy="no", disable_tqdm=True,
+    )
+    return out
+
+
+def test_chat_command_with_a_completion_trained_adapter(completion_run, tiny_llama_dir, capsys, monkeypatch):
+    """The real ``lmtune chat``: one --prompt answer, then an interactive session where turns are independent."""
+    argv = ["--model_name_or_path", str(tiny_llama_dir), "--adapter", str(completion_run), "--max_new_tokens", "5"]
+    assert main(["chat", *argv, "--prompt", INSTRUCTION]) == 0
+    printed = capsys.readouterr().out
+    args = parse_chat_args(argv)
+    session = build_session(args, *load_chat_model(args))
+    streamer = RecordingStreamer()
+    assert printed == session.reply(INSTRUCTION, streamer=streamer) + "\n"
+    assert session.prompt_format == "completion" and session.tokenizer.decode(streamer.calls[0]) == ALPACA_PROMPT
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{INSTRUCTION}\nWhat is 2 plus 2?\n{INSTRUCTION}\n/exit\n"))
+    assert main(["chat", *argv]) == 0
+    banner, *turns = capsys.readouterr().out.split(">>> ")
+    assert banner.count("completion prompts: each message is answered on its own") == 1
+    assert "earlier turns are not shown to the model" in banner
+    assert turns[0] == turns[2] == printed  # the same message, alone each time, gets the same greedy answer
+    assert turns[1] == session.reply("What is 2 plus 2?") + "\n" and turns[3] == ""

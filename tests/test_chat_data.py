@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import logging
+import re
 import shutil
 
 import datasets
@@ -161,7 +164,9 @@ def test_bad_chat_files_name_file_record_and_message(tokenizer, shared_data):
     ([{"role": "system", "content": "s"}], r"record 0: the conversation has a system message but no user/assistant"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}],
      r"record 0: message 1: the assistant message is empty"),
-    ([{"role": "user", "content": 3}], r"record 0: message 0: 'content' is a int, expected a string"),
+    ([{"role": "user", "content": 3}], r"record 0: message 0: field 'content' is a number \(3\); expected a string\. "),
+    (["hi"], r"record 0: message 0 is a string \(\"hi\"\); expected an object with 'role'\. "),
+    ("hi", r"record 0: field 'messages' is a string \(\"hi\"\); expected a list of \{role, content\}\. "),
 ])
 def test_conversation_errors(tokenizer, messages, error):
     with pytest.raises(DataFormatError, match="t.jsonl: " + error):
@@ -169,14 +174,61 @@ def test_conversation_errors(tokenizer, messages, error):
 
 
 def test_unknown_schema_and_skip_invalid(tokenizer, tmp_path):
-    with pytest.raises(DataFormatError, match=r"match no chat schema.*For instruction records use --task completion"):
-        render_chat_records([{"instruction": "a", "output": "b"}], ["instruction", "output"], tokenizer, source="x")
+    path = write_jsonl(tmp_path / "i.jsonl", [{"instruction": "a", "output": "b"}])
+    expected = (
+        f"{path}: the records have fields ['instruction', 'output'], which match no chat schema. Accepted: "
+        "messages (a list of {role, content}), conversations (a list of {from, value}, ShareGPT/SlimOrca), "
+        "system + question + chosen (Intel/orca_dpo_pairs). For instruction records use --task completion."
+    )
+    with pytest.raises(DataFormatError, match="^" + re.escape(expected) + "$"):  # no internal _lmtune_ columns
+        prepare_data(tokenizer, task="chat", train_file=str(path))
     good = {"messages": CONVERSATION[1:3]}
     bad = {"messages": [{"role": "narrator", "content": "x"}]}
     path = write_jsonl(tmp_path / "c.jsonl", [good] * 9 + [bad] + [good] * 10)
     prepared = prepare_data(tokenizer, task="chat", train_file=str(path),
                             settings=RenderSettings(skip_invalid_records=True))
     assert len(prepared.train) == 19
+
+
+ORCA = {"system": "", "question": "Q?", "chosen": "A."}
+SHAREGPT = {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}
+
+
+@pytest.mark.parametrize("good, bad, problem", [
+    ({"messages": CONVERSATION[1:3]}, {"messages": []}, "the conversation is empty"),
+    ({"messages": CONVERSATION[1:3]}, {"messages": [{"role": "user"}, CONVERSATION[2]]},
+     "message 0: field 'content' is missing (or null); expected a string"),
+    ({"messages": CONVERSATION[1:3]}, {"messages": CONVERSATION[1:2]},
+     "message 0: the conversation must end with an assistant answer to learn from (roles: user)"),
+    (SHAREGPT, {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt"}]},
+     "message 1: field 'value' is missing (or null); expected a string"),
+    (SHAREGPT, {"conversations": [{"from": "human", "value": "Q?"}, {"from": "bot", "value": "A."}]},
+     "message 1: speaker 'bot' is not allowed; allowed: system, human, gpt"),
+    (ORCA, {"system": "", "chosen": "A."}, "field 'question' is missing (or null); expected a string"),
+])
+def test_record_errors_name_file_and_line(tokenizer, tmp_path, good, bad, problem):
+    """A blank line makes record and line numbers differ; the message must give both, as formats.py does."""
+    lines = tmp_path / "c.jsonl"
+    lines.write_text(f"{json.dumps(good)}\n\n{json.dumps(good)}\n{json.dumps(bad)}\n", encoding="utf-8")
+    fix = ". Fix: correct the record, or pass --skip_invalid_records to skip bad records."
+    with pytest.raises(DataFormatError, match="^" + re.escape(f"{lines}: record 2 (line 4): {problem}{fix}") + "$"):
+        prepare_data(tokenizer, task="chat", train_file=str(lines))
+    array = tmp_path / "c.json"  # a JSON array names records by index, as stage 1 records them
+    array.write_text(json.dumps([good, good, bad], indent=2), encoding="utf-8")
+    with pytest.raises(DataFormatError, match="^" + re.escape(f"{array}: record 2: {problem}{fix}") + "$"):
+        prepare_data(tokenizer, task="chat", train_file=str(array))
+
+
+def test_dropped_conversation_warning_names_the_line(tokenizer, tmp_path, caplog):
+    too_long = {"messages": [CONVERSATION[0], {"role": "user", "content": "word " * 200}, CONVERSATION[2]]}
+    path = tmp_path / "c.jsonl"
+    path.write_text(f"{json.dumps({'messages': CONVERSATION[:3]})}\n\n{json.dumps(too_long)}\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="lmtune.data.chat"):
+        prepared = prepare_data(tokenizer, task="chat", train_file=str(path),
+                                settings=RenderSettings(max_seq_length=1024, max_source_length=100))
+    assert len(prepared.train) == 1 and prepared.stats["train"].dropped_indices == [1]
+    assert (f"{path}: 1 conversation(s) dropped: the last user turn does not fit --max_source_length 100 / "
+            "--max_seq_length 1024 (first: record 1 (line 3)).") in caplog.messages
 
 
 def test_too_long_drops_oldest_pairs_then_cuts_the_last_answer(tokenizer):

@@ -136,6 +136,9 @@ def test_evaluation_at_the_last_step_is_not_run_twice(tiny_llama_dir, alpaca_fil
 def test_a_jinja_chat_template_is_saved_with_the_tokenizer(tiny_llama_dir, tmp_path):
     from transformers import AutoTokenizer
 
+    from lmtune.chat.args import ChatArguments
+    from lmtune.chat.session import build_session, load_chat_model
+
     template = tmp_path / "chatml.jinja"
     template.write_text(
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -150,3 +153,6 @@ def test_a_jinja_chat_template_is_saved_with_the_tokenizer(tiny_llama_dir, tmp_p
     saved = AutoTokenizer.from_pretrained(out)
     assert saved.apply_chat_template(conversation, tokenize=False) == (
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n")
+    args = ChatArguments(model_name_or_path=str(tiny_llama_dir), adapter=str(out))
+    session = build_session(args, *load_chat_model(args))
+    assert session.tokenizer.decode(session.prompt_ids("Hi")) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

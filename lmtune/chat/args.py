@@ -7,13 +7,16 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from transformers import HfArgumentParser
 
 from lmtune.args import parse_command_flags
 from lmtune.errors import ConfigError
+
+PromptFormat = Literal["auto", "chat", "completion"]
 
 
 @dataclass
@@ -34,6 +37,13 @@ class ChatArguments:
         default=None,
         metadata={"help": "Chat format: neural-chat, tokenizer, or a Jinja file (default: the one training used)."},
     )
+    prompt_format: PromptFormat = field(
+        default="auto",
+        metadata={"help": "How each message is put to the model: chat (the chat format, with the conversation "
+                  "so far), completion (each message alone as the instruction of the Alpaca prompt that --task "
+                  "completion/code-generation trains on), or auto: completion for a model trained with those "
+                  "tasks (read from its lmtune_args.json), chat otherwise."},
+    )
     max_new_tokens: int = field(default=256, metadata={"help": "Most tokens generated per answer."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
@@ -52,6 +62,12 @@ class ChatArguments:
     )
 
     def __post_init__(self) -> None:
+        allowed = get_args(PromptFormat)
+        if self.prompt_format not in allowed:  # the parser checks its choices; this guards the Python API
+            close = difflib.get_close_matches(str(self.prompt_format), allowed, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"--prompt_format {self.prompt_format} is not allowed{hint}; allowed: "
+                              f"{', '.join(allowed)}.")
         if self.max_new_tokens <= 0:
             raise ConfigError(f"--max_new_tokens must be > 0 (got {self.max_new_tokens})")
         if self.temperature <= 0:

@@ -1,10 +1,14 @@
 """``lmtune chat``: talk to a base model plus an lmtune adapter, in the format it was trained on.
 
-Contract: ``ChatSession`` keeps the conversation and asks ``lmtune.data.chat.render_prompt``
-(the renderer training used) for every prompt, so what the model sees at inference is token
-for token what it saw in training, ending with the assistant header. Generation stops at EOS
-(and at the chat template's end-of-turn token). ``run_chat`` loads everything and runs either
-one answer (``--prompt``) or an interactive loop with ``/reset`` and ``/exit``.
+Contract: ``ChatSession`` asks the renderer training used for every prompt, so what the model
+sees at inference is token for token what it saw in training. A chat-trained model (and any
+model without an lmtune run record) gets the conversation so far through
+``lmtune.data.chat.render_prompt``, ending with the assistant header. A model trained with
+``--task completion``/``code-generation`` (``lmtune_args.json``) gets each message alone in the
+Alpaca prompt it was trained on (``lmtune.chat.prompting``); ``--prompt_format`` overrides the
+choice. Generation stops at EOS (and at the chat template's end-of-turn token). ``run_chat``
+loads everything and runs either one answer (``--prompt``) or an interactive loop with
+``/reset`` and ``/exit``.
 """
 
 from __future__ import annotations
@@ -19,12 +23,22 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from lmtune.chat.args import ChatArguments
+from lmtune.chat.prompting import CHAT, COMPLETION, INSTRUCTION_TASKS, completion_prompt_ids, resolve_prompt_format
 from lmtune.data.chat import render_prompt
-from lmtune.data.chat_format import END, ChatFormat, Message, PieceEncoder, chat_pieces, resolve_chat_format
+from lmtune.data.chat_format import (
+    END,
+    NEURAL_CHAT,
+    ChatFormat,
+    Message,
+    PieceEncoder,
+    chat_pieces,
+    resolve_chat_format,
+)
 from lmtune.errors import ConfigError, LmtuneError
 from lmtune.evaluate.generation import build_generation_config
 from lmtune.model.load import fit_embeddings_to_tokenizer, is_seq2seq, load_config, load_model, load_tokenizer
 from lmtune.train.distributed import check_device
+from lmtune.train.checkpointing import checkpoint_step
 from lmtune.train.output_dir import ARGS_FILE, read_run_args
 
 logger = logging.getLogger(__name__)
@@ -33,12 +47,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 HELP = "Type a message and press Enter; /reset starts a new conversation, /exit quits."
 
 
-def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat) -> list[int]:
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   chat_format: ChatFormat | None) -> list[int]:
     """EOS, the model's own end ids, and the special token a chat template closes each answer with."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     model_eos = model.generation_config.eos_token_id
     ids += model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else []
-    if chat_format.template is not None:
+    if chat_format is not None and chat_format.template is not None:
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         ends = [piece for piece, kind in chat_pieces(PieceEncoder(tokenizer), probe, chat_format) if kind == END]
         if ends and ends[0] and ends[0][0] in tokenizer.all_special_ids:
@@ -52,14 +67,22 @@ class ChatSession:
     Args:
         model: A causal (or seq2seq) LM, possibly a ``PeftModel``.
         tokenizer: Its tokenizer.
-        chat_format: The format the model was trained with.
+        chat_format: The chat format the model was trained with, or None for completion prompts:
+            each message alone in the Alpaca prompt (``lmtune.chat.prompting``), no history kept.
         generation: Decoding settings; ``eos_token_id`` lists the stop tokens.
-        system: System prompt; None keeps the format's default.
-        max_prompt_tokens: Older user/assistant pairs are dropped beyond this many prompt tokens.
+        system: System prompt (chat format only); None keeps the format's default.
+        max_prompt_tokens: Prompt budget: older user/assistant pairs are dropped beyond it (chat
+            format); a longer completion prompt is refused.
+
+    Raises:
+        ConfigError: if a system prompt comes with completion prompts, which have no place for one.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat,
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat | None,
                  generation: GenerationConfig, *, system: str | None = None, max_prompt_tokens: int | None = None):
+        if chat_format is None and system is not None:  # never drop the user's system prompt unsaid
+            raise ConfigError("--system only applies to the chat format: the Alpaca completion prompt has no "
+                              "system message. Drop --system, or pass --prompt_format chat.")
         self.model, self.tokenizer, self.chat_format = model, tokenizer, chat_format
         self.generation = generation
         self.system = system
@@ -75,8 +98,23 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
         return system + self.history + [{"role": "user", "content": user_text}]
 
+    @property
+    def prompt_format(self) -> str:
+        """``chat`` or ``completion``."""
+        return COMPLETION if self.chat_format is None else CHAT
+
+    def describe(self) -> str:
+        """How messages reach the model, for the session banner."""
+        if self.chat_format is None:
+            return ("completion prompts: each message is answered on its own, as the instruction of the Alpaca "
+                    "prompt --task completion trains on; earlier turns are not shown to the model")
+        return f"format {self.chat_format.name}"
+
     def prompt_ids(self, user_text: str) -> list[int]:
-        """The token ids the model is given to answer ``user_text`` after the history so far."""
+        """The token ids the model is given to answer ``user_text`` (after the history, in the chat format)."""
+        if self.chat_format is None:  # completion training never showed the model a conversation
+            return completion_prompt_ids(self.tokenizer, user_text, seq2seq=is_seq2seq(self.model.config),
+                                         max_prompt_tokens=self.max_prompt_tokens)
         self._encoder.clear()
         return render_prompt(
             self.tokenizer, self.messages_with(user_text), self.chat_format,
@@ -84,7 +122,7 @@ class ChatSession:
         )
 
     def reply(self, user_text: str, streamer: TextStreamer | None = None) -> str:
-        """Answer ``user_text``, add both turns to the history, and return the answer text."""
+        """Answer ``user_text``, add both turns to the history (chat format), and return the answer text."""
         ids = self.prompt_ids(user_text)
         inputs = torch.tensor([ids], device=self.model.device)
         with torch.inference_mode():
@@ -98,16 +136,24 @@ class ChatSession:
         stops = set(self.generation.eos_token_id)
         end = next((i for i, token in enumerate(tokens) if token in stops), len(tokens))
         answer = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
-        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
+        if self.chat_format is not None:  # completion prompts never show the history, so none is kept
+            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
         return answer
 
 
 def read_training_settings(directory: str | None) -> dict[str, Any]:
-    """The chat template and task an lmtune run used, from its ``lmtune_args.json`` ({} if none)."""
-    if not directory or not (Path(directory) / ARGS_FILE).is_file():
+    """The chat template and task an lmtune run used, from its ``lmtune_args.json`` ({} if none).
+
+    A ``checkpoint-N`` directory holds no record of its own; its run's, one level up, applies.
+    """
+    if not directory:
         return {}
-    args = read_run_args(directory).get("args", {})
-    finetune = args.get("finetune", {})
+    path = Path(directory)
+    if not (path / ARGS_FILE).is_file() and checkpoint_step(path) is not None:
+        path = path.parent
+    if not (path / ARGS_FILE).is_file():
+        return {}
+    finetune = read_run_args(str(path)).get("args", {}).get("finetune", {})
     return {"chat_template": finetune.get("chat_template"), "task": finetune.get("task")}
 
 
@@ -139,16 +185,77 @@ def load_chat_model(args: ChatArguments) -> tuple[PreTrainedModel, PreTrainedTok
     return model, tokenizer
 
 
-def build_session(args: ChatArguments, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> ChatSession:
-    """A session with the chat format, stop tokens and prompt budget the arguments and the run imply."""
-    trained = read_training_settings(args.adapter or args.model_name_or_path)
-    template = args.chat_template or trained.get("chat_template")
-    if args.chat_template and trained and args.chat_template != (trained.get("chat_template") or "neural-chat"):
+def session_prompt_format(args: ChatArguments, trained: dict[str, Any]) -> str:
+    """``chat`` or ``completion``: ``--prompt_format``, or for ``auto`` what the run's ``--task`` implies.
+
+    Args:
+        args: The ``lmtune chat`` flags.
+        trained: ``read_training_settings`` of the run ({} for a model lmtune did not train).
+
+    Raises:
+        ConfigError: if chat-format flags (--system, --chat_template) come with completion prompts.
+    """
+    task = trained.get("task")
+    prompt_format = resolve_prompt_format(args.prompt_format, task)
+    chat_only = [flag for flag, value in (("--system", args.system), ("--chat_template", args.chat_template))
+                 if value is not None]
+    if prompt_format == COMPLETION and chat_only:  # refused, never silently ignored
+        flags = " and ".join(chat_only)
+        why = f"the model was trained with --task {task}" if args.prompt_format == "auto" else (
+            "--prompt_format completion")
+        raise ConfigError(
+            f"{flags} {'applies' if len(chat_only) == 1 else 'apply'} only to the chat format, but each message "
+            f"goes to the model alone in the Alpaca completion prompt ({why}). Drop {flags}, or pass "
+            "--prompt_format chat to chat in a chat format anyway."
+        )
+    return prompt_format
+
+
+def choose_chat_format(args: ChatArguments, tokenizer: PreTrainedTokenizerBase, trained: dict[str, Any]
+                       ) -> ChatFormat | None:
+    """The chat format to prompt in, or None for completion prompts (see ``session_prompt_format``).
+
+    Args:
+        args: The ``lmtune chat`` flags.
+        tokenizer: The model's tokenizer (for ``--chat_template tokenizer``).
+        trained: ``read_training_settings`` of the run ({} for a model lmtune did not train).
+
+    Raises:
+        ConfigError: if chat-format flags come with completion prompts, or the chat template is unusable.
+    """
+    task = trained.get("task")
+    if session_prompt_format(args, trained) == COMPLETION:
+        if task not in (None, *INSTRUCTION_TASKS):
+            logger.warning("--prompt_format completion: the model was trained with --task %s, not on completion "
+                           "prompts; its answers may make little sense.", task)
+        return None
+    if task not in (None, "chat"):
+        reason = "as --prompt_format chat asks" if args.prompt_format == "chat" else "anyway"
+        logger.info("the model was trained with --task %s; chatting in the chat format %s.", task, reason)
+    trained_template = trained.get("chat_template") or NEURAL_CHAT
+    if args.chat_template and task == "chat" and args.chat_template != trained_template:
         logger.warning("--chat_template %s differs from the format the adapter was trained with (%s).",
-                       args.chat_template, trained.get("chat_template") or "neural-chat")
-    if trained.get("task") not in (None, "chat"):
-        logger.info("the adapter was trained with --task %s; chatting in the chat format anyway.", trained["task"])
-    chat_format = resolve_chat_format(template, tokenizer)
+                       args.chat_template, trained_template)
+    return resolve_chat_format(args.chat_template or _trained_template(trained, tokenizer), tokenizer)
+
+
+def _trained_template(trained: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The recorded ``--chat_template``; for a Jinja file that has since moved, the copy that
+    training saved into the run's tokenizer (``finetune.py``), which is the same template."""
+    recorded = trained.get("chat_template")
+    if recorded in (None, "", NEURAL_CHAT, "tokenizer") or Path(recorded).is_file():
+        return recorded
+    return "tokenizer" if tokenizer.chat_template else recorded
+
+
+def build_session(args: ChatArguments, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> ChatSession:
+    """A session with the prompt format, stop tokens and prompt budget the arguments and the run imply.
+
+    Raises:
+        ConfigError: for flags that contradict the prompt format, or an unusable chat template.
+    """
+    trained = read_training_settings(args.adapter or args.model_name_or_path)
+    chat_format = choose_chat_format(args, tokenizer, trained)
     budget = args.max_prompt_tokens
     if budget is None:
         context = getattr(model.config, "max_position_embeddings", None)
@@ -191,6 +298,7 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input, out: Tex
 
 def run_chat(args: ChatArguments) -> int:
     """``lmtune chat``: answer ``--prompt`` once, or chat interactively. Returns the exit code."""
+    session_prompt_format(args, read_training_settings(args.adapter or args.model_name_or_path))  # before loading
     model, tokenizer = load_chat_model(args)
     session = build_session(args, model, tokenizer)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -198,6 +306,6 @@ def run_chat(args: ChatArguments) -> int:
         session.reply(args.prompt, streamer=streamer)
         return 0
     adapter = f" + {args.adapter}" if args.adapter else ""
-    print(f"lmtune chat: {args.model_name_or_path}{adapter}, format {session.chat_format.name}.")
+    print(f"lmtune chat: {args.model_name_or_path}{adapter}, {session.describe()}.")
     chat_loop(session)
     return 0

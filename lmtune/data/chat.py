@@ -5,7 +5,9 @@ Stage contract (the chat counterpart of formats.py + render.py):
 - ``read_conversations`` reads records in the ``messages`` schema (role/content, as
   HuggingFaceH4/ultrachat_200k), the ShareGPT ``conversations`` schema (from/value, as
   Open-Orca/SlimOrca) or the Intel/orca_dpo_pairs schema (system/question/chosen), and checks
-  every conversation before anything is tokenized, naming file, record and message index.
+  every conversation before anything is tokenized. Every record-level message names the file and
+  the record's place in it (``record 4 (line 5)`` for JSON Lines, as stage 1 recorded it in
+  ``LOCATION_COLUMN``), then the message index and field.
 - ``chat_pieces`` (in ``lmtune.data.chat_format``) is the ONE renderer: training renders a whole
   conversation and supervises its assistant turns; ``lmtune chat`` renders the history with
   ``add_generation_prompt=True`` through ``render_prompt``. Token ids are concatenations of
@@ -34,7 +36,15 @@ from lmtune.data.chat_format import (
     resolve_chat_format,
 )
 from lmtune.data.render import IGNORE_INDEX, RenderStats
-from lmtune.data.sources import SKIP_HINT, record_location, report_skipped, source_problem
+from lmtune.data.sources import (
+    LOCATION_COLUMN,
+    PROBLEM_COLUMN,
+    SKIP_HINT,
+    describe_value,
+    record_location,
+    report_skipped,
+    source_problem,
+)
 from lmtune.errors import DataFormatError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +66,7 @@ def detect_chat_schema(columns: Iterable[str], source: str) -> str:
     Raises:
         DataFormatError: naming the columns found and the schemas accepted.
     """
-    present = set(columns)
+    present = set(columns) - {LOCATION_COLUMN, PROBLEM_COLUMN}  # stage 1's bookkeeping, not the user's fields
     if "messages" in present:
         return "messages"
     if "conversations" in present:
@@ -64,25 +74,28 @@ def detect_chat_schema(columns: Iterable[str], source: str) -> str:
     if {"question", "chosen"} <= present:
         return "orca_dpo_pairs"
     raise DataFormatError(
-        f"{source}: records have fields {sorted(present)}, which match no chat schema. Accepted: "
+        f"{source}: the records have fields {sorted(present)}, which match no chat schema. Accepted: "
         "messages (a list of {role, content}), conversations (a list of {from, value}, ShareGPT/SlimOrca), "
         "system + question + chosen (Intel/orca_dpo_pairs). For instruction records use --task completion."
     )
 
 
 def _text_field(item: object, key: str, where: str) -> str:
+    """``item[key]`` as a string, or ``_BadRecord`` worded like ``formats.check_record``'s messages."""
     if not isinstance(item, dict):
-        raise _BadRecord(f"{where} is a {type(item).__name__}, expected an object with '{key}'")
+        raise _BadRecord(f"{where} is {describe_value(item)}; expected an object with '{key}'")
     value = item.get(key)
+    if value is None:
+        raise _BadRecord(f"{where}: field '{key}' is missing (or null); expected a string")
     if not isinstance(value, str):
-        got = "missing" if value is None else f"a {type(value).__name__}"
-        raise _BadRecord(f"{where}: '{key}' is {got}, expected a string")
+        raise _BadRecord(f"{where}: field '{key}' is {describe_value(value)}; expected a string")
     return value
 
 
 def _from_sharegpt(turns: object, where: str) -> list[Message]:
     if not isinstance(turns, list):
-        raise _BadRecord(f"{where}: 'conversations' is a {type(turns).__name__}, expected a list of {{from, value}}")
+        got = "missing (or null)" if turns is None else describe_value(turns)
+        raise _BadRecord(f"{where}: field 'conversations' is {got}; expected a list of {{from, value}}")
     messages = []
     for number, turn in enumerate(turns):
         speaker = _text_field(turn, "from", f"{where}: message {number}")
@@ -107,13 +120,16 @@ def conversation_from_record(record: dict, schema: str, where: str) -> list[Mess
     Args:
         record: The raw record.
         schema: ``messages``, ``conversations`` or ``orca_dpo_pairs`` (``detect_chat_schema``).
-        where: ``"FILE: record N"``, the prefix of every message about this record.
+        where: ``"FILE: record N (line L)"``, the prefix of every message about this record.
+
+    Raises:
+        _BadRecord: naming ``where``, the message index and the field, when a field has the wrong type.
     """
     if schema == "conversations":
         return _from_sharegpt(record.get("conversations"), where)
     if schema == "orca_dpo_pairs":
         # One turn: the question answered by the preferred ("chosen") response.
-        system = record.get("system") or ""
+        system = _text_field(record, "system", where) if record.get("system") is not None else ""
         messages = [{"role": "system", "content": system}] if system.strip() else []
         return messages + [
             {"role": "user", "content": _text_field(record, "question", where)},
@@ -121,8 +137,8 @@ def conversation_from_record(record: dict, schema: str, where: str) -> list[Mess
         ]
     raw = record.get("messages")
     if not isinstance(raw, list):
-        got = "missing" if raw is None else f"a {type(raw).__name__}"
-        raise _BadRecord(f"{where}: 'messages' is {got}, expected a list of {{role, content}}")
+        got = "missing (or null)" if raw is None else describe_value(raw)
+        raise _BadRecord(f"{where}: field 'messages' is {got}; expected a list of {{role, content}}")
     messages = []
     for number, message in enumerate(raw):
         role = _text_field(message, "role", f"{where}: message {number}")
@@ -177,14 +193,27 @@ def read_conversations(
         ``(record index, messages)`` for each usable record, in order.
 
     Raises:
-        DataFormatError: on the first bad record (file, record and message index named), or
+        DataFormatError: on the first bad record (file, record/line and message index named), or
             when skipping would drop more than ``MAX_INVALID_SHARE`` of the records.
+    """
+    located = read_located_conversations(records, columns, source, skip_invalid=skip_invalid)
+    return [(index, messages) for index, _, messages in located]
+
+
+def read_located_conversations(
+    records: Iterable[dict], columns: Iterable[str], source: str, *, skip_invalid: bool = False
+) -> list[tuple[int, str, list[Message]]]:
+    """``read_conversations``, with each record's place in its source (``record 4 (line 5)``).
+
+    Raises:
+        DataFormatError: as ``read_conversations``.
     """
     schema = detect_chat_schema(columns, source)
     conversations, problems, total = [], [], 0
     for index, record in enumerate(records):
         total += 1
-        where = f"{source}: {record_location(record, index)}"  # "record 4 (line 5)" for JSON files
+        location = record_location(record, index)  # "record 4 (line 5)" for JSON Lines files
+        where = f"{source}: {location}"
         try:
             problem = source_problem(record)  # unreadable line or mistyped field, kept by stage 1 for skipping
             if problem is None:
@@ -193,7 +222,7 @@ def read_conversations(
         except _BadRecord as bad:
             problem = str(bad)
         if problem is None:
-            conversations.append((index, messages))
+            conversations.append((index, location, messages))
         elif not skip_invalid:
             raise DataFormatError(f"{problem}. Fix: correct the record, {SKIP_HINT}.")
         else:
@@ -281,6 +310,14 @@ def render_prompt(
     )
 
 
+def _sample(pieces: list[EncodedPiece], train_on_inputs: bool) -> tuple[list[int], list[int]]:
+    """A fitted conversation's token ids and labels: answers and their end-of-turn tokens supervised."""
+    ids = [token for piece, _ in pieces for token in piece]
+    labels = [token if train_on_inputs or kind != PROMPT else IGNORE_INDEX for piece, kind in pieces for token in piece]
+    labels[0] = IGNORE_INDEX  # the first token is never predicted
+    return ids, labels
+
+
 def render_chat_records(
     records: Iterable[dict],
     columns: Iterable[str],
@@ -314,11 +351,11 @@ def render_chat_records(
         ConfigError: for an unusable ``chat_template``.
     """
     chat_format = resolve_chat_format(chat_template, tokenizer)
-    conversations = read_conversations(records, columns, source, skip_invalid=skip_invalid)
+    conversations = read_located_conversations(records, columns, source, skip_invalid=skip_invalid)
     encoder = PieceEncoder(tokenizer)
-    stats, pairs_dropped = RenderStats(), 0
+    stats, pairs_dropped, first_dropped = RenderStats(), 0, ""
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-    for index, messages in conversations:
+    for index, location, messages in conversations:
         encoder.clear()  # the cache only pays off within one conversation
         pieces, dropped, cut = fit_conversation(
             encoder, messages, chat_format, max_seq_length=max_seq_length, max_source_length=max_source_length
@@ -326,31 +363,22 @@ def render_chat_records(
         if pieces is None:
             stats.dropped_long_prompt += 1
             stats.dropped_indices.append(index)
+            first_dropped = first_dropped or location
             continue
         pairs_dropped += dropped
         stats.truncated += int(cut or dropped > 0)
-        ids = [token for piece, _ in pieces for token in piece]
-        labels = [
-            token if train_on_inputs or kind != PROMPT else IGNORE_INDEX for piece, kind in pieces for token in piece
-        ]
-        labels[0] = IGNORE_INDEX  # the first token is never predicted
+        ids, labels = _sample(pieces, train_on_inputs)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         stats.kept += 1
         stats.tokens += len(ids)
         stats.supervised_tokens += sum(label != IGNORE_INDEX for label in labels)
+    limits = f"--max_source_length {max_source_length} / --max_seq_length {max_seq_length}"
     if pairs_dropped:
-        logger.info("%s: dropped %d oldest user/assistant pair(s) to fit --max_seq_length %d / --max_source_length "
-                    "%d.", source, pairs_dropped, max_seq_length, max_source_length)
+        logger.info("%s: dropped %d oldest user/assistant pair(s) to fit %s.", source, pairs_dropped, limits)
     if stats.dropped_long_prompt:
-        logger.warning(
-            "%s: %d conversation(s) dropped: the last user turn does not fit --max_source_length %d / "
-            "--max_seq_length %d (first: record %d).", source, stats.dropped_long_prompt, max_source_length,
-            max_seq_length, stats.dropped_indices[0],
-        )
+        logger.warning("%s: %d conversation(s) dropped: the last user turn does not fit %s (first: %s).",
+                       source, stats.dropped_long_prompt, limits, first_dropped)
     if not stats.kept:
-        raise DataFormatError(
-            f"{source}: no conversation fits --max_source_length {max_source_length} / --max_seq_length "
-            f"{max_seq_length}; raise them."
-        )
+        raise DataFormatError(f"{source}: no conversation fits {limits}; raise them.")
     return out, stats
