@@ -177,6 +177,7 @@ def build_launch_command(
     master_port: int = DEFAULT_MASTER_PORT,
     hostfile: str | None = None,
     mpi_flavour: MpiFlavour | None = None,
+    euid: int | None = None,
 ) -> list[str]:
     """Build the argv that starts ``world_size`` ranks of an lmtune entry point.
 
@@ -194,6 +195,8 @@ def build_launch_command(
         hostfile: MPI or deepspeed hostfile listing the nodes.
         mpi_flavour: "mpich" (also Intel MPI) or "openmpi"; detected from
             ``mpirun --version`` when None.
+        euid: The effective user id mpirun runs as; ``os.geteuid()`` when None.
+            Open MPI's mpirun refuses root unless told ``--allow-run-as-root``.
 
     Returns:
         The command to run.
@@ -216,7 +219,8 @@ def build_launch_command(
     if mode == "mpi":
         _require("mpirun", "--use_mpi", _MPIRUN_FIX)
         flavour = mpi_flavour or detect_mpi_flavour()
-        return _mpi_command(flavour, world_size, per_node, nnodes, master_addr, master_port, hostfile, target)
+        command = _mpi_command(flavour, world_size, per_node, nnodes, master_addr, master_port, hostfile, target)
+        return _allow_root(command, flavour, _effective_uid() if euid is None else euid)
     _require("deepspeed", "--use_deepspeed", _DEEPSPEED_FIX)
     return [
         "deepspeed", "--num_nodes", str(nnodes), "--num_gpus", str(per_node),
@@ -250,6 +254,22 @@ def _mpi_command(flavour: MpiFlavour, world_size: int, per_node: int, nnodes: in
         command += ["-f", hostfile] if hostfile else []
         command += [arg for name, value in env.items() for arg in ("-genv", name, value)]
     return command + target.python_argv()
+
+
+def _effective_uid() -> int:
+    # Windows has no geteuid, and no Open MPI mpirun to refuse root either.
+    return os.geteuid() if hasattr(os, "geteuid") else -1
+
+
+def _allow_root(command: list[str], flavour: MpiFlavour, euid: int) -> list[str]:
+    """Add ``--allow-run-as-root`` to an Open MPI command started by root (containers run as root).
+
+    Open MPI's mpirun exits at once as root without it; MPICH's Hydra has no such flag and
+    would reject it.
+    """
+    if flavour != "openmpi" or euid != 0:
+        return command
+    return [command[0], "--allow-run-as-root", *command[1:]]
 
 
 class _Parser(argparse.ArgumentParser):

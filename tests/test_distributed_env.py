@@ -266,8 +266,21 @@ def test_torchrun_multi_node_and_python_file(tmp_path):
 ])  # fmt: skip
 def test_mpi_command(launchers_installed, nodefile, flavour, world_size, kwargs, launcher_args):
     command = build_launch_command(world_size, "mpi", "finetune_clm.py", ["--peft", "lora"], mpi_flavour=flavour,
-                                   **kwargs)  # fmt: skip
+                                   euid=1000, **kwargs)  # fmt: skip
     assert command == ["mpirun", *launcher_args, PY, *CLM]
+
+
+@pytest.mark.parametrize(("flavour", "euid", "allowed"), [
+    ("openmpi", 0, ["--allow-run-as-root"]), ("openmpi", 1000, []), ("mpich", 0, []), ("mpich", 1000, []),
+])  # fmt: skip
+def test_open_mpi_as_root_is_allowed_explicitly(launchers_installed, monkeypatch, flavour, euid, allowed):
+    # Open MPI's mpirun exits at once when root starts it without the flag; MPICH's Hydra rejects the flag.
+    monkeypatch.setattr(launch.os, "geteuid", lambda: euid)  # the default reads the real effective uid
+    head = ["mpirun", *allowed, "-n", "2"]
+    for explicit in (None, euid):
+        command = build_launch_command(2, "mpi", "finetune_clm", [], mpi_flavour=flavour, euid=explicit)
+        assert command[:len(head)] == head
+        assert command.count("--allow-run-as-root") == len(allowed)
 
 
 @pytest.mark.parametrize(("output", "flavour"), [

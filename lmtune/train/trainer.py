@@ -3,15 +3,22 @@
 One small subclass adds what the stock Trainer lacks: ``eval_ppl`` next to every
 ``eval_loss`` it logs (the reference monkeypatched ``Trainer.evaluate`` globally for that),
 checkpoints written atomically (``train/checkpointing.py``), and a training loss that
-never materializes the batch's full logits (``train/loss.py``).
+never materializes the batch's full logits (``train/loss.py``). Two stock choices change:
+DDP does not search for unused parameters in adapter runs (every adapter parameter is
+used each step), and ``training_args.bin`` is written without the hub token.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copyreg
+import dataclasses
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+from accelerate.utils import DistributedDataParallelKwargs
 from datasets import Dataset
 from peft import PeftModel
 from transformers import (
@@ -27,6 +34,8 @@ from lmtune.evaluate.perplexity import perplexity_from_loss
 from lmtune.train.checkpointing import AtomicCheckpointMixin
 from lmtune.train.loss import causal_lm_loss_sum
 
+logger = logging.getLogger(__name__)
+
 
 class PerplexityMixin:
     """Adds ``<prefix>_ppl`` wherever an ``eval_loss`` (or ``<prefix>_loss`` of an eval split) is logged."""
@@ -40,6 +49,90 @@ class PerplexityMixin:
                 loss = logs[key]
                 logs[key[: -len("loss")] + "ppl"] = math.nan if math.isnan(loss) else perplexity_from_loss(loss)
         super().log(logs, *args, **kwargs)
+
+
+def adapter_find_unused_parameters(model: torch.nn.Module) -> bool | None:
+    """DDP's ``find_unused_parameters`` for an adapter model, or None to keep transformers' choice.
+
+    transformers turns the flag on for every model that is not a ``PreTrainedModel``, so for
+    every ``PeftModel``: DDP then walks the autograd graph after each backward pass looking
+    for parameters without a gradient, and warns on the first step that it found none. Every
+    adapter lmtune builds (LoRA and its variants, IA3, prefix, prompt and p-tuning,
+    LLaMA-Adapter) takes part in every forward pass. Adapters inside mixture-of-experts
+    experts are the exception: a step's tokens may all be routed around an expert, which then
+    has no gradient, so those models keep the stock choice.
+
+    Args:
+        model: The model given to the Trainer.
+
+    Returns:
+        False for an adapter model whose trainable parameters all run every step, else None.
+    """
+    if not isinstance(model, PeftModel):
+        return None
+    trainable = (name for name, param in model.named_parameters() if param.requires_grad)
+    if any(".experts." in name for name in trainable):
+        return None
+    return False
+
+
+def secret_fields(args: TrainingArguments) -> list[str]:
+    """The credential fields of ``args``: transformers' own rule (its ``to_dict`` masks ``*_token``)."""
+    return [field.name for field in dataclasses.fields(args) if field.name.endswith("_token")]
+
+
+def _reduce_without_secrets(args: TrainingArguments) -> tuple:
+    # The (__newobj__, (cls,), state) triple pickle writes for a plain object by default, so the
+    # file loads wherever transformers is installed, without lmtune; only the credentials are gone.
+    state = dict(vars(args))
+    state.update(dict.fromkeys(secret_fields(args)))
+    return copyreg.__newobj__, (type(args),), state
+
+
+@contextlib.contextmanager
+def secrets_left_out_of_pickles(args_type: type[TrainingArguments]) -> Iterator[None]:
+    """While active, any pickle of an ``args_type`` object (``torch.save(self.args)``) holds no token.
+
+    The stock Trainer pickles its live arguments into ``training_args.bin`` itself; changing
+    how they pickle, for the length of a save, keeps ``--hub_token`` off disk without touching
+    the live arguments, which a push to the hub still reads. The registration is process-wide
+    while it lasts; another thread pickling the same type meanwhile also drops the token,
+    the safe direction.
+    """
+    previous = copyreg.dispatch_table.get(args_type)
+    copyreg.dispatch_table[args_type] = _reduce_without_secrets
+    try:
+        yield
+    finally:
+        if previous is None:
+            copyreg.dispatch_table.pop(args_type, None)
+        else:
+            copyreg.dispatch_table[args_type] = previous
+
+
+class StockOverridesMixin:
+    """Two stock Trainer choices lmtune changes, each in the hook where transformers makes it."""
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        # An explicit --ddp_find_unused_parameters (True or False) is the user's; leave it.
+        choice = adapter_find_unused_parameters(self.model) if self.args.ddp_find_unused_parameters is None else None
+        if choice is not None:
+            for handler in accelerator_args.get("kwargs_handlers", []):
+                if isinstance(handler, DistributedDataParallelKwargs):
+                    handler.find_unused_parameters = choice
+            if self.args.world_size > 1 and self.args.process_index == 0:  # said once, not per rank
+                logger.info("DDP: find_unused_parameters=%s, as every adapter parameter is used each step; "
+                            "pass --ddp_find_unused_parameters True to override.", choice)
+        return accelerator_args
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with secrets_left_out_of_pickles(type(self.args)):
+            super().save_model(output_dir, _internal_call)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        with secrets_left_out_of_pickles(type(self.args)):
+            super()._push_from_checkpoint(checkpoint_folder)
 
 
 # Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``: no logit
@@ -65,8 +158,8 @@ def _plain_head_parts(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     return model.get_decoder(), head
 
 
-class LmtuneTrainer(AtomicCheckpointMixin, PerplexityMixin, Trainer):
-    """The stock Trainer plus perplexity, atomic checkpoints and a lean training loss.
+class LmtuneTrainer(StockOverridesMixin, AtomicCheckpointMixin, PerplexityMixin, Trainer):
+    """The stock Trainer plus perplexity, atomic checkpoints, a lean training loss and the stock overrides.
 
     The training loss is computed from hidden states (``train/loss.py``): the output head
     runs only on labelled positions and never holds the whole batch's float32 logits.
@@ -94,8 +187,8 @@ class LmtuneTrainer(AtomicCheckpointMixin, PerplexityMixin, Trainer):
         return loss
 
 
-class LmtuneSeq2SeqTrainer(AtomicCheckpointMixin, PerplexityMixin, Seq2SeqTrainer):
-    """The stock Seq2SeqTrainer plus perplexity and atomic checkpoints."""
+class LmtuneSeq2SeqTrainer(StockOverridesMixin, AtomicCheckpointMixin, PerplexityMixin, Seq2SeqTrainer):
+    """The stock Seq2SeqTrainer plus perplexity, atomic checkpoints and the stock overrides."""
 
 
 def build_trainer(
