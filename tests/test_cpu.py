@@ -213,3 +213,19 @@ def test_a_trainable_upcast_linear_still_gets_its_weight_gradient():
     upcast(x).sum().backward()
     assert upcast.weight.grad is not None and upcast.weight.grad.dtype == torch.bfloat16
     assert x.grad.dtype == torch.float32
+
+
+def test_linear_subclasses_compute_in_float32_too():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    config = FalconConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          new_decoder_architecture=False, multi_query=True, bias=False)
+    half = FalconForCausalLM(config).to(torch.bfloat16)
+    exact = FalconForCausalLM(config)
+    exact.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    upcast_compute(half)
+    dense = half.transformer.h[0].self_attention.dense  # FalconLinear, whose forward is its own
+    assert type(dense).__name__ == "FalconLinear" and dense.weight.dtype == torch.float32
+    ids = torch.randint(0, 97, (2, 9))
+    torch.testing.assert_close(half(ids).logits, exact(ids).logits, rtol=1e-5, atol=1e-5)

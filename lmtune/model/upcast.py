@@ -61,15 +61,16 @@ def upcast_compute(model: nn.Module) -> nn.Module:
     keep_half: set[int] = set()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
+            # Only plain nn.Linear: a subclass (Falcon's FalconLinear) has a forward of its own that
+            # would multiply a float32 input by a bf16 weight, so its weights become float32 below.
             if type(child) is nn.Linear:
                 upcast = UpcastLinear(child.in_features, child.out_features, bias=child.bias is not None,
                                       device="meta")
                 upcast.weight, upcast.bias = child.weight, child.bias  # the same Parameters: ties survive
                 setattr(parent, name, upcast)
-                child = upcast
-            if isinstance(child, (nn.Linear, nn.Embedding)):
+                keep_half.update(id(p) for p in upcast.parameters(recurse=False))
+            elif isinstance(child, nn.Embedding):
                 keep_half.update(id(p) for p in child.parameters(recurse=False))
-            if isinstance(child, nn.Embedding):
                 child.register_forward_hook(_float_embedding_output)
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
