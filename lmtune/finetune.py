@@ -25,7 +25,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Seq2SeqTrainin
 
 from lmtune.args import ParsedArgs, args_to_dict, parse_args, parse_process_flags
 from lmtune.argv import config_to_argv
-from lmtune.data.chat_format import NEURAL_CHAT, resolve_chat_format
+from lmtune.data.chat_format import names_template_file, resolve_chat_format
 from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import PreparedData, RenderSettings, prepare_data
 from lmtune.data.render import IGNORE_INDEX
@@ -292,7 +292,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         special_tokens=data_args.special_tokens, model_type=config.model_type,
     )
     data = _prepare(args, tokenizer, seq2seq=seq2seq)
-    if ft.task == "chat" and ft.chat_template not in (None, "", NEURAL_CHAT, "tokenizer"):
+    if ft.task == "chat" and names_template_file(ft.chat_template):
         # A Jinja file's template travels with the tokenizer saved in output_dir, which is then
         # all `lmtune chat` or apply_chat_template need, even after the file is moved.
         tokenizer.chat_template = resolve_chat_format(ft.chat_template, tokenizer).template

@@ -32,6 +32,7 @@ from lmtune.data.chat_format import (
     Message,
     PieceEncoder,
     chat_pieces,
+    names_template_file,
     resolve_chat_format,
 )
 from lmtune.errors import ConfigError, LmtuneError
@@ -243,7 +244,7 @@ def _trained_template(trained: dict[str, Any], tokenizer: PreTrainedTokenizerBas
     """The recorded ``--chat_template``; for a Jinja file that has since moved, the copy that
     training saved into the run's tokenizer (``finetune.py``), which is the same template."""
     recorded = trained.get("chat_template")
-    if recorded in (None, "", NEURAL_CHAT, "tokenizer") or Path(recorded).is_file():
+    if not names_template_file(recorded) or Path(recorded).is_file():
         return recorded
     return "tokenizer" if tokenizer.chat_template else recorded
 

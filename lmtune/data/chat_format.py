@@ -55,6 +55,11 @@ class ChatFormat:
     default_system: str = NEURAL_CHAT_SYSTEM_PROMPT
 
 
+def names_template_file(chat_template: str | None) -> bool:
+    """Whether ``--chat_template`` names a Jinja file rather than ``neural-chat`` or ``tokenizer``."""
+    return chat_template not in (None, "", NEURAL_CHAT, "tokenizer")
+
+
 def resolve_chat_format(chat_template: str | None, tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
     """Turn ``--chat_template`` into a format: ``neural-chat`` (default), ``tokenizer``, or a Jinja file.
 
