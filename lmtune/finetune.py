@@ -156,6 +156,14 @@ def _prepare(args: ParsedArgs, tokenizer, *, seq2seq: bool) -> PreparedData:
     return prepared
 
 
+def _carry_chat_template(args: ParsedArgs, tokenizer) -> None:
+    """A Jinja ``--chat_template`` file travels with the tokenizer saved in output_dir, which is then
+    all ``lmtune chat`` or ``apply_chat_template`` need, even after the file has moved."""
+    ft = args.finetune
+    if ft.task == "chat" and names_template_file(ft.chat_template):
+        tokenizer.chat_template = resolve_chat_format(ft.chat_template, tokenizer).template
+
+
 def _report_data(args: ParsedArgs, tokenizer, data: PreparedData, *, seq2seq: bool) -> dict[str, Any]:
     """``--dry_run``: print what training would see, then stop before any weights load."""
     data_args, training = args.data, args.training
@@ -292,10 +300,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         special_tokens=data_args.special_tokens, model_type=config.model_type,
     )
     data = _prepare(args, tokenizer, seq2seq=seq2seq)
-    if ft.task == "chat" and names_template_file(ft.chat_template):
-        # A Jinja file's template travels with the tokenizer saved in output_dir, which is then
-        # all `lmtune chat` or apply_chat_template need, even after the file is moved.
-        tokenizer.chat_template = resolve_chat_format(ft.chat_template, tokenizer).template
+    _carry_chat_template(args, tokenizer)
     if ft.dry_run:
         return _report_data(args, tokenizer, data, seq2seq=seq2seq)
     if training.process_index == 0:
