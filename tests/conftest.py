@@ -23,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+REFERENCE_PAGE = PROJECT_ROOT.parent / "shared" / "seed" / "neuralchat-finetuning.md"
 
 
 def require_shared_data() -> Path:
@@ -30,6 +31,13 @@ def require_shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (it sits beside the project as ../shared/data)")
     return SHARED_DATA
+
+
+def require_reference_page() -> Path:
+    """The NeuralChat reference page, or a skip that says where it was looked for."""
+    if not REFERENCE_PAGE.is_file():
+        pytest.skip(f"reference page {REFERENCE_PAGE} is absent (it sits beside the project as ../shared/seed)")
+    return REFERENCE_PAGE
 
 
 @pytest.fixture(autouse=True)

@@ -23,10 +23,9 @@ from transformers import T5Config
 from lmtune.args import args_to_dict, parse_args
 from lmtune.errors import ConfigError
 from lmtune.finetune import run_finetune
-from tests.conftest import PROJECT_ROOT, SHARED_DATA, require_shared_data
+from tests.conftest import PROJECT_ROOT, SHARED_DATA, require_reference_page, require_shared_data
 
 EXAMPLES = PROJECT_ROOT / "examples"
-REFERENCE = PROJECT_ROOT.parent / "shared" / "seed" / "neuralchat-finetuning.md"
 DEMO_RECIPE = EXAMPLES / "tiny_cpu_demo.yaml"
 # The reference's command lines in page order, and the recipe of each.
 REFERENCE_RECIPES = (
@@ -50,7 +49,7 @@ NEOX_TOKENIZER = SHARED_DATA / "tokenizers" / "gpt-neox-20B_tokenizer.json"
 
 def reference_command_lines() -> list[list[str]]:
     """The flags of every finetune_clm.py / finetune_seq2seq.py command line on the reference page."""
-    logical = re.sub(r"\\\n", " ", REFERENCE.read_text(encoding="utf-8")).splitlines()
+    logical = re.sub(r"\\\n", " ", require_reference_page().read_text(encoding="utf-8")).splitlines()
     commands = []
     for line in logical:
         if re.search(r"finetune_(clm|seq2seq)\.py\s+--", line):
