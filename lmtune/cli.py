@@ -122,6 +122,28 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
+def _export(argv: list[str]) -> int:
+    from lmtune.errors import ConfigError
+
+    formats = {"gguf": "one .gguf file (base + merged adapter) for llama.cpp and Ollama"}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in formats:
+        listing = "\n".join(f"  {name:<8} {text}" for name, text in formats.items())
+        if argv and argv[0] not in ("-h", "--help"):
+            raise ConfigError(f"lmtune export: unknown format '{argv[0]}'; formats:\n{listing}")
+        print(f"usage: lmtune export FORMAT [FLAGS]\n\nformats:\n{listing}")
+        return 0 if argv else EXIT_USER_ERROR
+    from lmtune.export.gguf import build_export_gguf_parser, export_gguf, parse_export_gguf_args
+
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        build_export_gguf_parser().print_help()
+        return 0
+    args = parse_export_gguf_args(argv[1:])
+    out = export_gguf(args.output, base=args.model_name_or_path, adapter=args.adapter, dtype=args.dtype,
+                      overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    print(f"lmtune export: wrote {out} ({args.dtype})")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "finetune": (lambda argv: _finetune(argv, None), "fine-tune a model (causal or seq2seq, from its config)"),
     "quickstart": (_quickstart, "fine-tune lmtune's embedded small model on its sample data"),
@@ -129,6 +151,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "eval": (_eval, "evaluate a model (+ adapter): ROUGE, HumanEval, TruthfulQA, lm-eval tasks, perplexity"),
     "merge": (_merge, "fold a LoRA/IA3 adapter into its base model and save a plain transformers model"),
     "convert": (_convert, "turn a llama2.c checkpoint into a transformers model directory"),
+    "export": (_export, "write a model (+ merged adapter) in another format: gguf for llama.cpp and Ollama"),
     "launch": (_launch, "run finetune_clm/finetune_seq2seq on N processes via torchrun, mpirun or deepspeed"),
 }
 

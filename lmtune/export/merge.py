@@ -137,20 +137,16 @@ def merge_adapter(
 
     Raises:
         ConfigError: a missing adapter or base, an adapter kind that cannot be merged, a
-            non-empty output directory, or a merge that produced NaN/inf weights.
+            non-empty output directory, an adapter of another base's dimensions, or a merge
+            that produced NaN/inf weights.
     """
-    from peft import PeftModel
-
     adapter, out = Path(adapter), Path(output_dir)
     adapter_config = _adapter_config(adapter)
     _check_mergeable(adapter_config, adapter)
     base = resolve_base(adapter, base)
     _check_output_dir(out, overwrite, adapter, base)
     model, tokenizer, load_dtype = _load_base(base, adapter, dtype, trust_remote_code)
-    try:
-        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(safe_merge=True)
-    except ValueError as err:  # peft's safe_merge found NaN/inf
-        raise ConfigError(f"merging {adapter} into {base} failed: {err}") from err
+    merged = _merged(model, adapter, base)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -161,6 +157,29 @@ def merge_adapter(
     write_json(out / ARGS_FILE, record)
     logger.info("merged %s into %s; wrote %s.", adapter, base, out)
     return out
+
+
+def _merged(model, adapter: Path, base: str):
+    """``model`` with the adapter folded in.
+
+    Raises:
+        ConfigError: an adapter of another base's dimensions, or a merge with NaN/inf weights.
+    """
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+    except RuntimeError as err:  # torch's load_state_dict: the adapter's shapes are another base's
+        if "size mismatch" not in str(err):
+            raise
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+        raise ConfigError(f"--adapter {adapter} does not fit the base model {base}: it was trained on a base of "
+                          f"other dimensions ({first}). Pass the base it was trained on as --model_name_or_path."
+                          ) from err
+    try:
+        return peft_model.merge_and_unload(safe_merge=True)
+    except ValueError as err:  # peft's safe_merge found NaN/inf
+        raise ConfigError(f"merging {adapter} into {base} failed: {err}") from err
 
 
 def _load_base(base: str, adapter: Path, dtype: str, trust_remote_code: bool):

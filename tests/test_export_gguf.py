@@ -1,0 +1,194 @@
+"""``lmtune export gguf``: the written file, read back by transformers, is the merged model.
+
+transformers' own GGUF loader (``from_pretrained(dir, gguf_file=...)``) is the independent
+reader: it undoes llama.cpp's Q/K row order, rebuilds the config from ``llama.*`` keys and
+the tokenizer from ``tokenizer.ggml.*``. Adapters use ``init_lora_weights=False`` so the
+merge is not a no-op.
+
+Tolerances (relative: ||gguf - merged|| / ||merged|| over all logits), measured on these
+tiny random models: f32 is exact (we assert 1e-5 absolute); f16 measured ~1.5e-3 (asserted
+1e-2); q8_0 measured ~3e-2 (asserted 6e-2; random tiny weights are its worst case, SmolLM2
+is measured in the realmodel test).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llama_config
+from gguf import GGUFReader
+from peft import LoraConfig, get_peft_model
+from test_families import FAMILIES, TOKENIZERS, Family, build_family
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from lmtune.cli import main
+from lmtune.errors import ConfigError, UnsupportedError
+from lmtune.export.gguf import export_gguf
+
+TEXTS = ["Give three tips for staying healthy.", "Hello  world!\n12345 naïve café 🦙", "The sky is blue."]
+RELATIVE_TOLERANCE = {"f32": 1e-6, "f16": 1e-2, "q8_0": 6e-2}
+
+
+def _adapter(base_dir: Path, out: Path):
+    """A saved LoRA adapter on every linear layer, and the merged model it stands for."""
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(out)
+    return out, model.merge_and_unload().eval()
+
+
+def _read_back(path: Path):
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+def _greedy(model, ids: torch.Tensor, tokens: int = 8) -> list[int]:
+    out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama64_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny LLaMA wide enough (hidden 64) for q8_0's 32-value blocks, with the BPE demo tokenizer."""
+    path = tmp_path_factory.mktemp("llama64")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=64, intermediate_size=128)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_gguf_round_trip_gives_the_merged_model(dtype, llama64_dir, tokenizer, tmp_path):
+    adapter, merged = _adapter(llama64_dir, tmp_path / "adapter")
+    out = export_gguf(tmp_path / "model.gguf", base=str(llama64_dir), adapter=adapter, dtype=dtype)
+
+    model, gguf_tokenizer = _read_back(out)
+    ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        got, expected = model(ids).logits, merged(ids).logits
+    plain = AutoModelForCausalLM.from_pretrained(llama64_dir)(ids).logits
+    assert _relative_error(plain, expected) > 0.1  # the adapter does change the model
+    assert _relative_error(got, expected) < RELATIVE_TOLERANCE[dtype]
+    if dtype == "f32":
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    if dtype != "q8_0":  # q8_0 can flip near-ties among a random tiny model's flat logits
+        assert _greedy(model, ids) == _greedy(merged, ids)
+    for text in TEXTS:
+        assert gguf_tokenizer(text).input_ids == tokenizer(text).input_ids
+    assert gguf_tokenizer.chat_template == tokenizer.chat_template
+    assert (gguf_tokenizer.bos_token, gguf_tokenizer.eos_token, gguf_tokenizer.pad_token, gguf_tokenizer.unk_token) \
+        == ("<s>", "</s>", "<pad>", "<unk>")
+
+
+def test_gguf_metadata_is_in_llama_cpp_key_names(llama64_dir, tokenizer, tmp_path):
+    out = export_gguf(tmp_path / "model.gguf", base=str(llama64_dir), dtype="q8_0")
+    reader = GGUFReader(out)
+    fields = {name: reader.fields[name].contents() for name in reader.fields if not name.startswith("GGUF.")}
+    assert fields["general.architecture"] == "llama"
+    assert (fields["llama.embedding_length"], fields["llama.block_count"], fields["llama.attention.head_count"],
+            fields["llama.attention.head_count_kv"], fields["llama.rope.dimension_count"]) == (64, 2, 4, 2, 16)
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.add_eos_token"] is False
+    assert fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+    assert fields["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 3]  # <unk> <s> </s> <pad>: control tokens
+    assert len(fields["tokenizer.ggml.tokens"]) == len(tokenizer) and fields["tokenizer.ggml.merges"]
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert "output.weight" in kinds  # this model's head is not tied
+
+
+@pytest.mark.slow  # ~30 s: transformers rebuilds 32000-token merges from the scores when it reads the file back
+def test_llama_sentencepiece_vocabulary_matches_sentencepiece(tmp_path, tokenizer):
+    """The LLaMA tokenizer (no tokenizer.model left after transformers saves it) against SentencePiece itself."""
+    import sentencepiece
+
+    base, _ = build_family(FAMILIES["llama"], tmp_path / "base", tokenizer)
+    adapter, merged = _adapter(base, tmp_path / "adapter")
+    out = export_gguf(tmp_path / "model.gguf", base=str(base), adapter=adapter, dtype="f32")
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZERS / "llama2c_tokenizer.model"))
+    fields = GGUFReader(out).fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    scores = np.array(fields["tokenizer.ggml.scores"].contents())
+    n = sp.get_piece_size()
+    assert tokens == [sp.id_to_piece(i) for i in range(n)]
+    expected_types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    assert types == expected_types
+    merged_pieces = [i for i in range(n) if expected_types[i] == 1 and len(tokens[i]) > 1]
+    sp_scores = np.array([sp.get_score(i) for i in merged_pieces])
+    assert (np.argsort(-sp_scores, kind="stable") == np.argsort(-scores[merged_pieces], kind="stable")).all()
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+
+    model, gguf_tokenizer = _read_back(out)
+    # transformers' GGUF reader drops SentencePiece's extra "▁" before text that starts with a
+    # space (llama.cpp keeps it), so the texts compared here start with a letter.
+    for text in TEXTS:
+        assert gguf_tokenizer(text).input_ids == sp.encode(text, add_bos=True) == [1, *sp.encode(text)]
+    ids = torch.tensor([sp.encode("Once upon a time", add_bos=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_mistral_exports_as_llama(tmp_path, tokenizer):
+    base, _ = build_family(Family("mistral-demo", "mistral", FAMILIES["mistral"].config), tmp_path / "base", tokenizer)
+    adapter, merged = _adapter(base, tmp_path / "adapter")
+    out = export_gguf(tmp_path / "model.gguf", base=str(base), adapter=adapter, dtype="f16")
+    model, _ = _read_back(out)
+    ids = tokenizer(TEXTS[2], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert _relative_error(model(ids).logits, merged(ids).logits) < RELATIVE_TOLERANCE["f16"]
+
+
+def test_cli_exports_a_base_model_and_never_overwrites_silently(tiny_llama_dir, tokenizer, tmp_path, capsys):
+    out = tmp_path / "base.gguf"
+    out.write_bytes(b"keep me")
+    argv = ["export", "gguf", "--model_name_or_path", str(tiny_llama_dir), "--output", str(out), "--dtype", "f32"]
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--output {out} exists" in err and "pass --overwrite" in err
+    assert out.read_bytes() == b"keep me"
+    assert main([*argv, "--overwrite"]) == 0
+    assert not out.with_name("base.gguf.partial").exists()
+    model, _ = _read_back(out)
+    ids = tokenizer(TEXTS[2], return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_refusals_name_the_problem(tiny_llama_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"name the file \*\.gguf"):
+        export_gguf(tmp_path / "model.bin", base=str(tiny_llama_dir))
+    (tmp_path / "there.gguf").write_text("x")
+    with pytest.raises(ConfigError, match="exists; choose another name, or pass --overwrite"):
+        export_gguf(tmp_path / "there.gguf", base=str(tiny_llama_dir))
+    assert main(["export", "onnx"]) == 2
+
+
+def test_unsupported_family_is_refused_before_any_work(tmp_path, tokenizer):
+    base, _ = build_family(FAMILIES["phi"], tmp_path / "phi", tokenizer)
+    with pytest.raises(UnsupportedError, match=r"model type 'phi' is not supported for GGUF export; supported: "
+                                               r"llama \(LLaMA, SmolLM2, TinyLlama\), mistral"):
+        export_gguf(tmp_path / "phi.gguf", base=str(base))
+    assert list(tmp_path.glob("*.gguf*")) == []
+
+
+def test_adapter_of_another_base_is_refused(tmp_path, tokenizer, tiny_llama_dir):
+    adapter, _ = _adapter(tiny_llama_dir, tmp_path / "adapter")  # hidden 16
+    other = tmp_path / "wider"
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=32)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ConfigError, match=r"does not fit the base model .*wider.*size mismatch"):
+        export_gguf(tmp_path / "model.gguf", base=str(other), adapter=adapter)
+    assert not (tmp_path / "model.gguf").exists()
