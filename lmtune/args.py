@@ -10,7 +10,6 @@ lives in ``validation.py`` and runs before anything loads.
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import sys
 from dataclasses import dataclass, field, fields
@@ -19,6 +18,7 @@ from typing import Any, Literal
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainingArguments
 
 from lmtune.argv import expand_config, flag_value, resolve_cpu_flag, rewrite_legacy_flags
+from lmtune.command_flags import raise_unknown_flags
 from lmtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -198,39 +198,6 @@ def build_parser(seq2seq: bool = False) -> HfArgumentParser:
     )
 
 
-def _known_flags(parser: HfArgumentParser) -> list[str]:
-    return [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
-
-
-def _raise_unknown(parser: HfArgumentParser, remaining: list[str]) -> None:
-    flags = [a.split("=")[0] for a in remaining if a.startswith("--")]
-    if not flags:
-        raise ConfigError(f"unexpected arguments {remaining}: every value must follow a --flag.")
-    known = _known_flags(parser)
-    problems = []
-    for flag in flags:
-        close = difflib.get_close_matches(flag, known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        problems.append(f"unknown flag {flag}{hint}")
-    raise ConfigError("; ".join(problems) + ". Run with --help for every flag.")
-
-
-def parse_command_flags(dataclass_type: type, argv: list[str], prog: str) -> Any:
-    """Parse the flags of one subcommand (``lmtune chat``, ``eval``, ``merge``) into its dataclass.
-
-    Raises:
-        ConfigError: for unknown flags (with a did-you-mean) or bad values.
-    """
-    parser = HfArgumentParser(dataclass_type, prog=prog, allow_abbrev=False)
-    try:
-        parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except SystemExit as exc:  # argparse exits on bad values; a library must raise instead
-        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
-    if remaining:
-        _raise_unknown(parser, remaining)
-    return parsed
-
-
 def parse_args(argv: list[str] | None = None, *, seq2seq: bool = False) -> ParsedArgs:
     """Parse flags (and ``--config FILE``) the way the reference's scripts do.
 
@@ -258,7 +225,7 @@ def parse_args(argv: list[str] | None = None, *, seq2seq: bool = False) -> Parse
     except ImportError as exc:  # e.g. --deepspeed without the deepspeed package
         raise ConfigError(f"{exc}. Install the missing package (for --deepspeed: pip install deepspeed).") from exc
     if remaining:
-        _raise_unknown(parser, remaining)
+        raise_unknown_flags(parser, remaining)
     if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         training.output_dir = None  # transformers would invent "trainer_output"; the reference requires it
     if model.use_auth_token:

@@ -43,9 +43,9 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 
 
 def _accelerator_present() -> bool:
-    import torch
+    from lmtune.model.inference import detect_device  # imports torch: only when a device must be resolved
 
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return detect_device() in ("cuda", "xpu")
 
 
 def resolve_cpu_flag(argv: list[str]) -> list[str]:

@@ -31,8 +31,8 @@ from lmtune.data.prepare import PreparedData, RenderSettings, prepare_data
 from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.report import build_data_report, estimate_steps, format_data_report
 from lmtune.data.shared_cache import discard_prepared, load_prepared, prepared_cache_dir, save_prepared
-from lmtune.evaluate.after_training import evaluate_after_training, generated_rouge_metrics, task_eval_settings
-from lmtune.evaluate.tasks import check_task_evaluation
+from lmtune.evaluate.after_training import evaluate_after_training, generated_rouge_metrics
+from lmtune.evaluate.tasks import TaskEvalSettings, check_task_evaluation
 from lmtune.export.model_card import write_run_summary
 from lmtune.model.adapters import AdapterSettings, apply_adapter, check_method_allowed
 from lmtune.model.load import (
@@ -47,7 +47,8 @@ from lmtune.model.upcast import upcast_compute
 from lmtune.train.distributed import check_device, fsdp_notice, setup_process
 from lmtune.train.checkpointing import StopOnSignal
 from lmtune.train.cpu import check_bf16
-from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir, write_run_args
+from lmtune.run_record import write_run_args
+from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir
 from lmtune.model.quantize import (
     QuantSettings,
     check_quantization_backend,
@@ -70,6 +71,21 @@ def _configure_logging(training: transformers.TrainingArguments) -> None:
     logging.getLogger("lmtune").setLevel(level if training.log_level != "passive" else logging.INFO)
     transformers.utils.logging.set_verbosity(level)
     configure_messages(interactive=is_interactive(training.disable_tqdm))
+
+
+def task_eval_settings(args: ParsedArgs) -> TaskEvalSettings:
+    """The evaluations the command line asks for, as the flat settings ``lmtune.evaluate`` takes."""
+    data_args, ft, training = args.data, args.finetune, args.training
+    return TaskEvalSettings(
+        task=ft.task, do_eval=training.do_eval, do_lm_eval=ft.do_lm_eval, lm_eval_tasks=tuple(ft.lm_eval_tasks),
+        lm_eval_limit=ft.lm_eval_limit, truthfulqa_file=ft.truthfulqa_file,
+        max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length,
+        num_beams=data_args.num_beams, batch_size=ft.eval_generation_batch_size or training.per_device_eval_batch_size,
+        humaneval_file=ft.humaneval_file, humaneval_limit=ft.humaneval_limit,
+        humaneval_n_samples=ft.humaneval_n_samples, humaneval_temperature=ft.humaneval_temperature,
+        humaneval_top_p=ft.humaneval_top_p, humaneval_max_new_tokens=ft.humaneval_max_new_tokens,
+        skip_invalid_records=data_args.skip_invalid_records, cache_dir=args.model.cache_dir,
+    )
 
 
 def _with_device(args: ParsedArgs) -> ParsedArgs:
@@ -314,7 +330,8 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     trainer = build_trainer(
         model, tokenizer, training, train_dataset=data.train, eval_dataset=data.validation,
         data_collator=collator, eval_ppl=ft.eval_ppl, callbacks=[stopper], seq2seq=seq2seq_trainer,
-        compute_metrics=generated_rouge_metrics(args, model, tokenizer) if seq2seq_trainer else None,
+        compute_metrics=(generated_rouge_metrics(task_eval_settings(args), training, model, tokenizer)
+                         if seq2seq_trainer else None),
     )
     install_progress(trainer)
     metrics: dict[str, Any] = {}
@@ -329,7 +346,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
         metrics.update(train_metrics)
-    metrics.update(evaluate_after_training(trainer, tokenizer, args, data))
+    metrics.update(evaluate_after_training(trainer, tokenizer, task_eval_settings(args), data))
     if training.do_train and trainer.is_world_process_zero():
         write_run_summary(training.output_dir, trainer.state.log_history, world_size=training.world_size)
     return metrics

@@ -21,7 +21,7 @@ from lmtune.chat.session import build_session, chat_loop, choose_chat_format, lo
 from lmtune.cli import main
 from lmtune.data.prepare import RenderSettings, prepare_data
 from lmtune.errors import ConfigError, DataFormatError
-from lmtune.train.output_dir import write_run_args
+from lmtune.run_record import write_run_args
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"

@@ -16,7 +16,7 @@ from lmtune.errors import ConfigError
 from lmtune.export.model_card import write_model_card, write_run_summary
 from lmtune.export.plots import loss_points, plot_loss_curve
 from lmtune.finetune import finetune
-from lmtune.train.output_dir import write_run_args
+from lmtune.run_record import write_run_args
 
 LOG_HISTORY = [
     {"loss": 2.5, "learning_rate": 2e-4, "epoch": 0.3, "step": 10},

@@ -19,14 +19,8 @@ from lmtune.train.checkpointing import (
     latest_complete_checkpoint,
     remove_staging_dirs,
 )
-from lmtune.train.output_dir import (
-    ARGS_FILE,
-    changed_args,
-    clear_earlier_run,
-    prepare_output_dir,
-    read_run_args,
-    write_run_args,
-)
+from lmtune.run_record import ARGS_FILE, read_run_args, write_run_args
+from lmtune.train.output_dir import changed_args, clear_earlier_run, prepare_output_dir
 
 
 def checkpoint(out: Path, step: int, *, complete: bool = True) -> Path:

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 from transformers import HfArgumentParser
 
-from lmtune.args import parse_command_flags
+from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError
 
 PromptFormat = Literal["auto", "chat", "completion"]

@@ -37,14 +37,12 @@ from lmtune.data.chat_format import (
 )
 from lmtune.errors import ConfigError, LmtuneError
 from lmtune.evaluate.generation import build_generation_config
-from lmtune.model.load import fit_embeddings_to_tokenizer, is_seq2seq, load_config, load_model, load_tokenizer
-from lmtune.train.distributed import check_device
-from lmtune.train.checkpointing import checkpoint_step
-from lmtune.train.output_dir import ARGS_FILE, read_run_args
+from lmtune.model.inference import load_for_use
+from lmtune.model.load import is_seq2seq
+from lmtune.run_record import read_training_settings
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HELP = "Type a message and press Enter; /reset starts a new conversation, /exit quits."
 
 
@@ -142,48 +140,14 @@ class ChatSession:
         return answer
 
 
-def read_training_settings(directory: str | None) -> dict[str, Any]:
-    """The chat template and task an lmtune run used, from its ``lmtune_args.json`` ({} if none).
-
-    A ``checkpoint-N`` directory holds no record of its own; its run's, one level up, applies.
-    """
-    if not directory:
-        return {}
-    path = Path(directory)
-    if not (path / ARGS_FILE).is_file() and checkpoint_step(path) is not None:
-        path = path.parent
-    if not (path / ARGS_FILE).is_file():
-        return {}
-    finetune = read_run_args(str(path)).get("args", {}).get("finetune", {})
-    return {"chat_template": finetune.get("chat_template"), "task": finetune.get("task")}
-
-
 def load_chat_model(args: ChatArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base model, the adapter on top, and the tokenizer (the adapter's copy when it has one).
 
     Raises:
         ConfigError: if the model or the adapter cannot be loaded.
     """
-    adapter = Path(args.adapter) if args.adapter else None
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        whole_model = (adapter / "config.json").is_file()
-        hint = " It holds a whole model: pass it as --model_name_or_path." if whole_model else ""
-        raise ConfigError(f"--adapter {adapter}: no adapter_config.json there; expected an lmtune/PEFT adapter.{hint}")
-    # Training saves the tokenizer beside the adapter, added special tokens included.
-    tokenizer_source = str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file() else None
-    tokenizer = load_tokenizer(args.model_name_or_path, tokenizer_name=tokenizer_source,
-                               trust_remote_code=args.trust_remote_code)
-    config = load_config(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model_name_or_path, config, dtype=DTYPES[args.dtype],
-                       trust_remote_code=args.trust_remote_code)
-    fit_embeddings_to_tokenizer(model, tokenizer)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    model.to(check_device(args.device))
-    model.eval()
-    return model, tokenizer
+    return load_for_use(args.model_name_or_path, args.adapter, device=args.device, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code)
 
 
 def session_prompt_format(args: ChatArguments, trained: dict[str, Any]) -> str:

@@ -27,7 +27,7 @@ from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import RenderSettings, prepare_data
 from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.sources import load_splits
-from lmtune.args import parse_command_flags
+from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError
 from lmtune.evaluate.perplexity import perplexity_from_loss
 from lmtune.evaluate.tasks import (
@@ -36,12 +36,12 @@ from lmtune.evaluate.tasks import (
     evaluate_summarization,
     score_reference_solutions,
 )
-from lmtune.model.load import fit_embeddings_to_tokenizer, is_seq2seq, load_config, load_model, load_tokenizer
+from lmtune.model.inference import load_for_use
+from lmtune.model.load import is_seq2seq
 
 logger = logging.getLogger(__name__)
 
 EvalTask = Literal["summarization", "code-generation", "humaneval", "truthfulqa", "lm-eval", "perplexity"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESULTS_FILE = "eval_results.json"
 
 
@@ -143,35 +143,14 @@ def _problems(args: EvalArguments) -> list[str]:
     return problems
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else "cpu"
-    return torch.device(name)
-
-
 def load_eval_model(args: EvalArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model, the adapter on top (its saved tokenizer preferred), in eval mode.
 
     Raises:
         ConfigError: when the model, tokenizer or adapter cannot be loaded.
     """
-    adapter = Path(args.adapter) if args.adapter else None
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"--adapter {adapter}: no adapter_config.json there; expected an lmtune/PEFT adapter.")
-    tokenizer_source = str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file() else None
-    config = load_config(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    tokenizer = load_tokenizer(args.model_name_or_path, tokenizer_name=tokenizer_source,
-                               trust_remote_code=args.trust_remote_code, model_type=config.model_type)
-    model = load_model(args.model_name_or_path, config, dtype=DTYPES[args.dtype],
-                       trust_remote_code=args.trust_remote_code)
-    fit_embeddings_to_tokenizer(model, tokenizer)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    model.to(_device(args.device))
-    model.eval()
-    return model, tokenizer
+    return load_for_use(args.model_name_or_path, args.adapter, device=args.device, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code)
 
 
 def _records(args: EvalArguments) -> list[dict]:

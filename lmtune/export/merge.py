@@ -21,17 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 from transformers import HfArgumentParser
 
-from lmtune.args import parse_command_flags
+from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError
-from lmtune.model.load import fit_embeddings_to_tokenizer, load_config, load_model, load_tokenizer
-from lmtune.train.output_dir import ARGS_FILE, write_json
+from lmtune.model.inference import load_for_use
+from lmtune.run_record import ARGS_FILE, recorded_base_model, write_json
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -83,12 +80,7 @@ def resolve_base(adapter: Path, base: str | None) -> str:
     """
     if base:
         return base
-    run_args = adapter / ARGS_FILE
-    if run_args.is_file():
-        recorded = json.loads(run_args.read_text(encoding="utf-8")).get("args", {}).get("model", {})
-        if recorded.get("model_name_or_path"):
-            return recorded["model_name_or_path"]
-    recorded = _adapter_config(adapter).get("base_model_name_or_path")
+    recorded = recorded_base_model(adapter) or _adapter_config(adapter).get("base_model_name_or_path")
     if recorded:
         return recorded
     raise ConfigError(f"--adapter {adapter} does not record its base model; pass --model_name_or_path BASE.")
@@ -137,16 +129,20 @@ def merge_adapter(
 
     Raises:
         ConfigError: a missing adapter or base, an adapter kind that cannot be merged, a
-            non-empty output directory, an adapter of another base's dimensions, or a merge
-            that produced NaN/inf weights.
+            non-empty output directory, or a merge that produced NaN/inf weights.
     """
     adapter, out = Path(adapter), Path(output_dir)
     adapter_config = _adapter_config(adapter)
     _check_mergeable(adapter_config, adapter)
     base = resolve_base(adapter, base)
     _check_output_dir(out, overwrite, adapter, base)
-    model, tokenizer, load_dtype = _load_base(base, adapter, dtype, trust_remote_code)
-    merged = _merged(model, adapter, base)
+    # On the CPU, whatever the machine has: the merged weights go to disk, not to a device.
+    model, tokenizer = load_for_use(base, adapter, device="cpu", dtype=dtype, trust_remote_code=trust_remote_code)
+    load_dtype = model.dtype
+    try:
+        merged = model.merge_and_unload(safe_merge=True)
+    except ValueError as err:  # peft's safe_merge found NaN/inf
+        raise ConfigError(f"merging {adapter} into {base} failed: {err}") from err
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -157,40 +153,3 @@ def merge_adapter(
     write_json(out / ARGS_FILE, record)
     logger.info("merged %s into %s; wrote %s.", adapter, base, out)
     return out
-
-
-def _merged(model, adapter: Path, base: str):
-    """``model`` with the adapter folded in.
-
-    Raises:
-        ConfigError: an adapter of another base's dimensions, or a merge with NaN/inf weights.
-    """
-    from peft import PeftModel
-
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
-    except RuntimeError as err:  # torch's load_state_dict: the adapter's shapes are another base's
-        if "size mismatch" not in str(err):
-            raise
-        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
-        raise ConfigError(f"--adapter {adapter} does not fit the base model {base}: it was trained on a base of "
-                          f"other dimensions ({first}). Pass the base it was trained on as --model_name_or_path."
-                          ) from err
-    try:
-        return peft_model.merge_and_unload(safe_merge=True)
-    except ValueError as err:  # peft's safe_merge found NaN/inf
-        raise ConfigError(f"merging {adapter} into {base} failed: {err}") from err
-
-
-def _load_base(base: str, adapter: Path, dtype: str, trust_remote_code: bool):
-    """The base model in the output dtype, and the tokenizer training saved (else the base's)."""
-    config = load_config(base, trust_remote_code=trust_remote_code)
-    load_dtype = DTYPES.get(dtype) or getattr(config, "dtype", None) or torch.float32
-    if isinstance(load_dtype, str):
-        load_dtype = DTYPES.get(load_dtype, torch.float32)
-    model = load_model(base, config, dtype=load_dtype, trust_remote_code=trust_remote_code)
-    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base, trust_remote_code=trust_remote_code,
-                               model_type=config.model_type)
-    fit_embeddings_to_tokenizer(model, tokenizer)  # tokens added in training are rows of the adapter's base
-    return model, tokenizer, load_dtype

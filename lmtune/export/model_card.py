@@ -16,7 +16,7 @@ from typing import Any
 
 from lmtune.errors import ConfigError
 from lmtune.export.plots import LOSS_CURVE_FILE, plot_loss_curve
-from lmtune.train.output_dir import ARGS_FILE
+from lmtune.run_record import ARGS_FILE
 
 CARD_FILE = "README.md"
 # Adapter settings worth a row in the card, as named in adapter_config.json.

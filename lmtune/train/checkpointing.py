@@ -29,6 +29,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lmtune.errors import LmtuneError
+from lmtune.run_record import checkpoint_step
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,6 @@ STAGING_PREFIX = ".staging-"
 
 class CheckpointSaveError(LmtuneError, OSError):
     """A checkpoint could not be written; the previous complete one is untouched."""
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a ``checkpoint-N`` directory name, or None for any other name."""
-    prefix, _, number = path.name.partition("-")
-    return int(number) if prefix == PREFIX_CHECKPOINT_DIR and number.isdigit() else None
 
 
 def is_complete_checkpoint(path: str | Path) -> bool:

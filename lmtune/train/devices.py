@@ -10,9 +10,7 @@ Intel's bindings, stops at once with the fix instead of a traceback.
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import importlib.util
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -20,8 +18,8 @@ from datetime import timedelta
 import torch
 
 from lmtune.errors import ConfigError, UnsupportedError
+from lmtune.model.inference import DEVICES, check_choice, importable, resolve_device, xpu_available
 
-DEVICES = ("auto", "cpu", "cuda", "xpu", "hpu")
 DDP_BACKENDS = ("gloo", "nccl", "ccl", "mpi", "xccl", "hccl")
 # The backend torch.distributed uses for each device when --ddp_backend is not given.
 _DEFAULT_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl", "hpu": "hccl"}
@@ -35,34 +33,13 @@ _CCL_FIX = (
 )
 
 
-def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> str:
-    """Return ``value`` normalised, or raise listing the choices and the closest one."""
-    name = value.strip().lower()
-    if name not in choices:
-        close = difflib.get_close_matches(name, choices, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{flag} must be one of {', '.join(choices)} (got {value!r}).{hint}")
-    return name
-
-
 def _env_world_size() -> int:
     value = os.environ.get("WORLD_SIZE", "").strip()
     return int(value) if value.isdigit() else 1
 
 
-def _importable(module: str) -> bool:
-    try:
-        return importlib.import_module(module) is not None
-    except ImportError:
-        return False
-
-
-def _xpu_available() -> bool:
-    return hasattr(torch, "xpu") and torch.xpu.is_available()
-
-
 def check_device(device: str, *, use_habana: bool = False, use_lazy_mode: bool = False) -> str:
-    """Resolve ``--device`` to a device this machine has.
+    """Resolve ``--device`` to a device this machine has (``lmtune.model.inference.resolve_device``).
 
     Args:
         device: One of :data:`DEVICES`. "auto" picks cuda, then xpu, then hpu
@@ -77,42 +54,16 @@ def check_device(device: str, *, use_habana: bool = False, use_lazy_mode: bool =
         ConfigError: Unknown device name, or Habana flags with a non-hpu device.
         UnsupportedError: The requested device is not available on this machine.
     """
-    name = _check_choice("--device", device, DEVICES)
-    if name == "hpu" or use_habana or use_lazy_mode:
-        if not _importable("habana_frameworks.torch"):
-            raise UnsupportedError(
-                f"--device {name} / --use_habana / --use_lazy_mode need Intel Gaudi (HPU), but "
-                "habana_frameworks.torch is not importable here. Gaudi runs need Habana's SynapseAI "
-                "software stack with its PyTorch build, plus optimum-habana. Fix: on this machine use "
-                "--device cpu and drop --use_habana and --use_lazy_mode."
-            )
-        if name not in ("hpu", "auto"):
-            raise ConfigError(
-                f"--use_habana and --use_lazy_mode run on Gaudi only (got --device {name}). "
-                "Fix: pass --device hpu, or drop --use_habana and --use_lazy_mode."
-            )
-        return "hpu"
-    if name == "auto":
-        return _detect_device()
-    available = {"cuda": torch.cuda.is_available, "xpu": _xpu_available}.get(name, lambda: True)
-    if not available():
-        needs = {"cuda": "an NVIDIA GPU and CUDA-built torch", "xpu": "an Intel GPU and XPU-built torch"}
-        raise UnsupportedError(
-            f"--device {name} needs {needs[name]}, but torch.{name}.is_available() is False here "
-            f"(torch {torch.__version__}). Fix: use --device cpu or --device auto."
+    name = check_choice("--device", device, DEVICES)
+    if not (use_habana or use_lazy_mode):
+        return resolve_device(name)
+    resolve_device("hpu")  # the missing Habana software is the first thing to fix
+    if name not in ("hpu", "auto"):
+        raise ConfigError(
+            f"--use_habana and --use_lazy_mode run on Gaudi only (got --device {name}). "
+            "Fix: pass --device hpu, or drop --use_habana and --use_lazy_mode."
         )
-    return name
-
-
-def _detect_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if _xpu_available():
-        return "xpu"
-    # find_spec first: importing habana_frameworks.torch initialises the HPU runtime.
-    if importlib.util.find_spec("habana_frameworks") is not None and _importable("habana_frameworks.torch"):
-        return "hpu"
-    return "cpu"
+    return "hpu"
 
 
 def resolve_ddp_backend(requested: str | None, device: str, *, world_size: int | None = None) -> str | None:
@@ -141,13 +92,13 @@ def resolve_ddp_backend(requested: str | None, device: str, *, world_size: int |
     if not name:
         size = world_size if world_size is not None else _env_world_size()
         return _DEFAULT_BACKENDS.get(resolved_device, "gloo") if size > 1 else None
-    _check_backend(_check_choice("--ddp_backend", requested or "", DDP_BACKENDS), resolved_device)
+    _check_backend(check_choice("--ddp_backend", requested or "", DDP_BACKENDS), resolved_device)
     return name
 
 
 def _xccl_available(device: str) -> bool:
     is_xccl_available = getattr(torch.distributed, "is_xccl_available", lambda: False)
-    return device == "xpu" and _xpu_available() and is_xccl_available()
+    return device == "xpu" and xpu_available() and is_xccl_available()
 
 
 # backend → (does it run with this device here?, what it needs); "ccl" is checked by _import_ccl.
@@ -158,7 +109,7 @@ _BACKEND_NEEDS: dict[str, tuple[Callable[[str], bool], str]] = {
     "mpi": (lambda device: torch.distributed.is_mpi_available(),
             "a torch built with MPI support (launching with mpirun does not need it)"),
     "xccl": (_xccl_available, "an Intel GPU (--device xpu with torch's XPU build)"),
-    "hccl": (lambda device: device == "hpu" and _importable("habana_frameworks.torch"),
+    "hccl": (lambda device: device == "hpu" and importable("habana_frameworks.torch"),
              "Intel Gaudi (--device hpu with Habana's SynapseAI software and optimum-habana)"),
 }
 

@@ -15,24 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import shutil
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from lmtune.errors import ConfigError
-from lmtune.train.checkpointing import (
-    checkpoint_step,
-    is_complete_checkpoint,
-    latest_complete_checkpoint,
-    remove_staging_dirs,
-)
+from lmtune.run_record import ARGS_FILE, checkpoint_step
+from lmtune.train.checkpointing import is_complete_checkpoint, latest_complete_checkpoint, remove_staging_dirs
 
 logger = logging.getLogger(__name__)
 
-ARGS_FILE = "lmtune_args.json"
-LIBRARIES = ("lmtune", "torch", "transformers", "peft", "datasets", "accelerate", "tokenizers", "safetensors")
 # Written only when training finished: such a run is neither resumed nor overwritten unasked.
 FINISHED_MARKER = "train_results.json"
 # The result files of a run, removed with its checkpoints by --overwrite_output_dir.
@@ -42,16 +34,6 @@ RESUME_NEUTRAL_ARGS = {
     "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "disable_tqdm", "report_to",
     "log_level", "log_level_replica", "logging_first_step", "save_total_limit", "dataloader_num_workers",
 }
-
-
-def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def prepare_output_dir(
@@ -179,31 +161,3 @@ def clear_earlier_run(output_dir: str) -> None:
         if ours:
             logger.warning("--overwrite_output_dir: removing the earlier run's %s.", stale)
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def write_run_args(output_dir: str, resolved: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-    """Save the resolved arguments and library versions, so merge, export and chat can read them back."""
-    path = Path(output_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    data = {"args": resolved, "versions": library_versions(), **(extra or {})}
-    write_json(path / ARGS_FILE, data)
-    return path / ARGS_FILE
-
-
-def read_run_args(output_dir: str) -> dict[str, Any]:
-    """The resolved arguments of an earlier run, as saved by ``write_run_args``.
-
-    Raises:
-        ConfigError: if the directory holds no lmtune run.
-    """
-    file = Path(output_dir) / ARGS_FILE
-    if not file.is_file():
-        raise ConfigError(f"{output_dir} holds no {ARGS_FILE}: it is not the output of an lmtune run.")
-    return json.loads(file.read_text(encoding="utf-8"))

@@ -1,0 +1,57 @@
+"""Flags of one subcommand (``lmtune chat``, ``eval``, ``merge``, ``serve``) parsed into its dataclass.
+
+Contract: ``HfArgumentParser`` does the parsing; an unknown flag or key is a ``ConfigError``
+that names it with a did-you-mean, and a bad value is a ``ConfigError`` instead of argparse's
+``SystemExit``. This sits below every command so that none of them imports ``lmtune.args``
+(the fine-tuning arguments) to parse its own few flags.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from lmtune.errors import ConfigError
+
+
+def _known_flags(parser: HfArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+
+
+def unknown_name_problem(name: str, known: list[str], what: str) -> str:
+    """``unknown flag --lora_rnak (did you mean --lora_rank?)``: one problem, with the closest known name."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown {what} {name}{hint}"
+
+
+def raise_unknown_flags(parser: HfArgumentParser, remaining: list[str]) -> None:
+    """Raise one error naming every leftover flag with a did-you-mean.
+
+    Raises:
+        ConfigError: always.
+    """
+    flags = [a.split("=")[0] for a in remaining if a.startswith("--")]
+    if not flags:
+        raise ConfigError(f"unexpected arguments {remaining}: every value must follow a --flag.")
+    known = _known_flags(parser)
+    problems = [unknown_name_problem(flag, known, "flag") for flag in flags]
+    raise ConfigError("; ".join(problems) + ". Run with --help for every flag.")
+
+
+def parse_command_flags(dataclass_type: type, argv: list[str], prog: str) -> Any:
+    """Parse the flags of one subcommand (``lmtune chat``, ``eval``, ``merge``) into its dataclass.
+
+    Raises:
+        ConfigError: for unknown flags (with a did-you-mean) or bad values.
+    """
+    parser = HfArgumentParser(dataclass_type, prog=prog, allow_abbrev=False)
+    try:
+        parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except SystemExit as exc:  # argparse exits on bad values; a library must raise instead
+        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
+    if remaining:
+        raise_unknown_flags(parser, remaining)
+    return parsed
