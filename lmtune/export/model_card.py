@@ -161,12 +161,11 @@ def render_model_card(
         batch = training.get("per_device_train_batch_size", 1) * world_size * training.get(
             "gradient_accumulation_steps", 1)
         hyper += [("processes", world_size), ("global batch size", batch)]
+    purpose = (f"on chosen/rejected pairs with {_preference_rows(preference)[0][1]}, beta {preference.get('beta')}."
+               if preference else f"for the `{finetune.get('task', 'completion')}` task.")
     body = [
         f"# {Path(output_dir).name}", "",
-        f"A {method} for `{base}`, fine-tuned with lmtune {versions.get('lmtune', '')} "
-        (f"preference-tuned on chosen/rejected pairs with {_preference_rows(preference)[0][1]}, beta "
-         f"{preference.get('beta')}." if preference else f"for the `{finetune.get('task', 'completion')}` task."),
-        "",
+        f"A {method} for `{base}`, fine-tuned with lmtune {versions.get('lmtune', '')} {purpose}", "",
         "## Data", "", *_data_lines(data, results), "",
         "## Method", "", *_table(_preference_rows(preference) + _method_rows(finetune, adapter)), "",
         "## Training hyperparameters", "", *_table(hyper), "",
