@@ -18,6 +18,7 @@ once before training and ride along in the batches.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -91,15 +92,19 @@ def reference_context(model, reference: str) -> Callable[[], contextlib.Abstract
 
 
 @contextlib.contextmanager
-def _reference_left_out(model) -> Iterator[None]:
-    """Saves hold the trained adapter only: PEFT would also write the frozen reference copy into a subfolder."""
-    config = getattr(model, "peft_config", {})
-    hidden = config.pop(REFERENCE_ADAPTER, None)
+def _trained_adapter_only(model) -> Iterator[None]:
+    """Saves hold the trained adapter only: PEFT would also write the frozen reference copy (and
+    leaving it out of ``peft_config`` would put its weights into the trained adapter's file)."""
+    if not (isinstance(model, PeftModel) and REFERENCE_ADAPTER in model.peft_config):
+        yield
+        return
+    # Trainer._save calls model.save_pretrained itself; for the length of the save it names the adapter.
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model,
+                                              selected_adapters=[model.active_adapter])
     try:
         yield
     finally:
-        if hidden is not None:
-            config[REFERENCE_ADAPTER] = hidden
+        del model.save_pretrained
 
 
 class PreferenceTrainer(StockOverridesMixin, AtomicCheckpointMixin, Trainer):
@@ -182,7 +187,7 @@ class PreferenceTrainer(StockOverridesMixin, AtomicCheckpointMixin, Trainer):
         return loss.detach(), None, None
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        with _reference_left_out(self.model):
+        with _trained_adapter_only(self.model):
             super()._save(output_dir, state_dict)
 
     def add_reference_logps(self, dataset: datasets.Dataset) -> datasets.Dataset:
