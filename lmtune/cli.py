@@ -34,6 +34,21 @@ def _finetune(argv: list[str], seq2seq: bool | None) -> int:
     return 0
 
 
+def _dpo(argv: list[str]) -> int:
+    from lmtune.preference import parse_preference, run_preference
+    from lmtune.train.distributed import is_main_process
+
+    if any(a in ("-h", "--help") for a in argv):
+        from lmtune.preference_args import build_preference_parser
+
+        build_preference_parser().print_help()
+        return 0
+    metrics = run_preference(parse_preference(argv))
+    if "train_loss" in metrics and is_main_process():
+        print(f"lmtune: training loss {metrics['train_loss']:.4f}")
+    return 0
+
+
 def _launch(argv: list[str]) -> int:
     from lmtune.launch import main as launch_main
 
@@ -146,6 +161,7 @@ def _export(argv: list[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "finetune": (lambda argv: _finetune(argv, None), "fine-tune a model (causal or seq2seq, from its config)"),
+    "dpo": (_dpo, "preference-tune a model (+ SFT adapter) on chosen/rejected pairs: DPO or ORPO"),
     "quickstart": (_quickstart, "fine-tune lmtune's embedded small model on its sample data"),
     "chat": (_chat, "talk to a model (+ adapter) in the chat format it was trained with"),
     "eval": (_eval, "evaluate a model (+ adapter): ROUGE, HumanEval, TruthfulQA, lm-eval tasks, perplexity"),
@@ -206,6 +222,12 @@ def main_seq2seq(argv: list[str] | None = None) -> int:
     """``finetune_seq2seq``: the reference's seq2seq (FLAN-T5) script."""
     logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
     return _run(lambda: _finetune(list(sys.argv[1:] if argv is None else argv), True))
+
+
+def main_dpo(argv: list[str] | None = None) -> int:
+    """``finetune_dpo``: the reference's ``dpo_clm.py``."""
+    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    return _run(lambda: _dpo(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

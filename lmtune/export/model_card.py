@@ -89,6 +89,20 @@ def _method_rows(finetune: dict[str, Any], adapter: dict[str, Any]) -> list[tupl
     return rows
 
 
+def _preference_rows(preference: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A DPO/ORPO run (``lmtune dpo``): the objective and its beta, first in the Method table."""
+    if not preference:
+        return []
+    if preference.get("orpo"):
+        objective, reference = "ORPO (odds-ratio preference optimization)", "none (ORPO has no reference)"
+    else:
+        objective = f"DPO, {preference.get('loss_type')} loss"
+        reference = f"the SFT adapter {preference['adapter']}, frozen" if preference.get("adapter") else \
+            "the base model (adapter disabled)"
+    rows = [("preference objective", objective), ("beta", preference.get("beta")), ("reference", reference)]
+    return rows + [(key, preference.get(key)) for key in ("max_prompt_length", "max_length")]
+
+
 def _usage_lines(base: str, output_dir: str, full: bool) -> list[str]:
     if full:
         load = [f'model = AutoModelForCausalLM.from_pretrained("{output_dir}")']
@@ -136,6 +150,7 @@ def render_model_card(
     """The card's Markdown from the run's saved files (already parsed)."""
     args, versions = run.get("args", {}), run.get("versions", {})
     model, data, finetune, training = (args.get(k, {}) for k in ("model", "data", "finetune", "training"))
+    preference = args.get("preference", {})
     base, full = model.get("model_name_or_path") or "?", bool(finetune.get("full_finetune"))
     method = "full fine-tune" if full else f"{_method_name(finetune)} adapter"
     tags = ["lmtune", "text-generation"] + ([] if full else [str(finetune.get("peft"))])
@@ -146,12 +161,13 @@ def render_model_card(
         batch = training.get("per_device_train_batch_size", 1) * world_size * training.get(
             "gradient_accumulation_steps", 1)
         hyper += [("processes", world_size), ("global batch size", batch)]
+    purpose = (f"on chosen/rejected pairs with {_preference_rows(preference)[0][1]}, beta {preference.get('beta')}."
+               if preference else f"for the `{finetune.get('task', 'completion')}` task.")
     body = [
         f"# {Path(output_dir).name}", "",
-        f"A {method} for `{base}`, fine-tuned with lmtune {versions.get('lmtune', '')} "
-        f"for the `{finetune.get('task', 'completion')}` task.", "",
+        f"A {method} for `{base}`, fine-tuned with lmtune {versions.get('lmtune', '')} {purpose}", "",
         "## Data", "", *_data_lines(data, results), "",
-        "## Method", "", *_table(_method_rows(finetune, adapter)), "",
+        "## Method", "", *_table(_preference_rows(preference) + _method_rows(finetune, adapter)), "",
         "## Training hyperparameters", "", *_table(hyper), "",
         "## Results", "", *_results_lines(state, results, training, plot), "",
         "## How to use", "", *_usage_lines(base, output_dir, full), "",
