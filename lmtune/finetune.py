@@ -32,7 +32,8 @@ from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.report import build_data_report, estimate_steps, format_data_report
 from lmtune.data.shared_cache import discard_prepared, load_prepared, prepared_cache_dir, save_prepared
 from lmtune.evaluate.after_training import evaluate_after_training, generated_rouge_metrics, task_eval_settings
-from lmtune.evaluate.tasks import check_task_evaluation
+from lmtune.evaluate.in_training import build_task_metrics
+from lmtune.evaluate.tasks import ROUGE, check_task_evaluation
 from lmtune.export.model_card import write_run_summary
 from lmtune.model.adapters import AdapterSettings, apply_adapter, check_method_allowed
 from lmtune.model.load import (
@@ -57,6 +58,7 @@ from lmtune.model.quantize import (
 )
 from lmtune.train.packing_check import PACK_BY_MASK, check_packing_isolation
 from lmtune.train.progress import check_report_to, configure_messages, install_progress, is_interactive
+from lmtune.train.eval_metrics import evaluation_callbacks
 from lmtune.train.trainer import build_trainer
 from lmtune.train.zero import whole_weights
 from lmtune.validation import validate_args
@@ -262,6 +264,16 @@ def _collator(args: ParsedArgs, tokenizer, *, seq2seq: bool, block_mask_dtype: t
     return collator
 
 
+def _evaluation_callbacks(args: ParsedArgs, data: PreparedData, *, generated_rouge: bool):
+    """Task metrics at each evaluation during training (none without --eval_strategy), early stopping."""
+    ft = args.finetune
+    during = args.training.eval_strategy != "no" and data.validation is not None
+    metrics = build_task_metrics(task_eval_settings(args), data.raw_validation,
+                                 skip=[ROUGE] if generated_rouge else []) if during else []
+    return evaluation_callbacks(metrics, samples=ft.eval_metric_samples, patience=ft.early_stopping_patience,
+                                threshold=ft.early_stopping_threshold)
+
+
 def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     """Run one fine-tuning job as the arguments describe.
 
@@ -311,10 +323,12 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     collator = _collator(args, tokenizer, seq2seq=seq2seq, block_mask_dtype=block_mask_dtype)
     stopper = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
     seq2seq_trainer = seq2seq and isinstance(training, Seq2SeqTrainingArguments)
+    rouge_metrics = generated_rouge_metrics(args, model, tokenizer) if seq2seq_trainer else None
+    task_metrics, evaluation = _evaluation_callbacks(args, data, generated_rouge=rouge_metrics is not None)
     trainer = build_trainer(
         model, tokenizer, training, train_dataset=data.train, eval_dataset=data.validation,
-        data_collator=collator, eval_ppl=ft.eval_ppl, callbacks=[stopper], seq2seq=seq2seq_trainer,
-        compute_metrics=generated_rouge_metrics(args, model, tokenizer) if seq2seq_trainer else None,
+        data_collator=collator, eval_ppl=ft.eval_ppl, callbacks=[stopper, *evaluation], seq2seq=seq2seq_trainer,
+        compute_metrics=rouge_metrics, task_metrics=task_metrics,
     )
     install_progress(trainer)
     metrics: dict[str, Any] = {}

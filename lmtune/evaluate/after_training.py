@@ -42,7 +42,7 @@ def task_eval_settings(args: ParsedArgs) -> TaskEvalSettings:
         lm_eval_limit=ft.lm_eval_limit, truthfulqa_file=ft.truthfulqa_file,
         max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length,
         num_beams=data_args.num_beams, batch_size=ft.eval_generation_batch_size or training.per_device_eval_batch_size,
-        humaneval_file=ft.humaneval_file, humaneval_limit=ft.humaneval_limit,
+        humaneval_file=ft.humaneval_file, mbpp_file=ft.mbpp_file, humaneval_limit=ft.humaneval_limit,
         humaneval_n_samples=ft.humaneval_n_samples, humaneval_temperature=ft.humaneval_temperature,
         humaneval_top_p=ft.humaneval_top_p, humaneval_max_new_tokens=ft.humaneval_max_new_tokens,
         skip_invalid_records=data_args.skip_invalid_records, cache_dir=args.model.cache_dir,
@@ -56,7 +56,9 @@ def _last_step_evaluation(trainer) -> dict[str, Any] | None:
     last = next((entry for entry in reversed(state.log_history) if "eval_loss" in entry), None)
     if trainer.args.load_best_model_at_end or last is None or last.get("step") != state.global_step:
         return None
-    return {key: value for key, value in last.items() if key != "step"}
+    # The task metrics of evaluations during training scored a subset; after training they score it all.
+    subset = set(getattr(trainer.task_metrics, "keys", None) or [])
+    return {key: value for key, value in last.items() if key != "step" and key not in subset}
 
 
 def evaluate_after_training(trainer, tokenizer, args: ParsedArgs, data: PreparedData) -> dict[str, Any]:
