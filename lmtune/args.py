@@ -156,6 +156,24 @@ class FinetuneArguments:
     humaneval_max_new_tokens: int = field(
         default=512, metadata={"help": "Most tokens generated per HumanEval completion."}
     )
+    mbpp_file: str | None = field(
+        default=None,
+        metadata={"help": "MBPP problems for --task code-generation (mbpp.jsonl or sanitized-mbpp.json): "
+                  "mbpp_pass@1 at every evaluation, and after training with --do_lm_eval."},
+    )
+    eval_metric_samples: int | None = field(
+        default=None,
+        metadata={"help": "Items (summaries, problems, questions) the task metric scores at each evaluation "
+                  "during training; 0: eval_loss only. Default: as many as keep one evaluation's metric "
+                  "under a fifth of the training time between evaluations (printed at the first one)."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop when --metric_for_best_model has not improved for N evaluations."},
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Least change of --metric_for_best_model that counts as an improvement."}
+    )
     eval_generation_batch_size: int | None = field(
         default=None,
         metadata={"help": "Prompts per generate/scoring call in task evaluations (ROUGE, HumanEval, "
@@ -230,6 +248,10 @@ def parse_args(argv: list[str] | None = None, *, seq2seq: bool = False) -> Parse
         training.output_dir = None  # transformers would invent "trainer_output"; the reference requires it
     if model.use_auth_token:
         logger.warning("--use_auth_token is deprecated and ignored; pass --token instead.")
+    given = any(a == "--greater_is_better" or a.startswith("--greater_is_better=") for a in argv)
+    if training.metric_for_best_model and not given:
+        # transformers infers it from a "loss" suffix alone; a perplexity is better lower too.
+        training.greater_is_better = not training.metric_for_best_model.endswith(("loss", "ppl"))
     return ParsedArgs(model, data, finetune, training)
 
 

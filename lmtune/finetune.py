@@ -32,7 +32,8 @@ from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.report import build_data_report, estimate_steps, format_data_report
 from lmtune.data.shared_cache import discard_prepared, load_prepared, prepared_cache_dir, save_prepared
 from lmtune.evaluate.after_training import evaluate_after_training, generated_rouge_metrics
-from lmtune.evaluate.tasks import TaskEvalSettings, check_task_evaluation
+from lmtune.evaluate.in_training import build_task_metrics
+from lmtune.evaluate.tasks import ROUGE, TaskEvalSettings, check_task_evaluation
 from lmtune.export.model_card import write_run_summary
 from lmtune.model.adapters import AdapterSettings, apply_adapter, check_method_allowed
 from lmtune.model.load import (
@@ -58,6 +59,7 @@ from lmtune.model.quantize import (
 )
 from lmtune.train.packing_check import PACK_BY_MASK, check_packing_isolation
 from lmtune.train.progress import check_report_to, configure_messages, install_progress, is_interactive
+from lmtune.train.eval_metrics import evaluation_callbacks
 from lmtune.train.trainer import build_trainer
 from lmtune.train.zero import whole_weights
 from lmtune.validation import validate_args
@@ -81,7 +83,7 @@ def task_eval_settings(args: ParsedArgs) -> TaskEvalSettings:
         lm_eval_limit=ft.lm_eval_limit, truthfulqa_file=ft.truthfulqa_file,
         max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length,
         num_beams=data_args.num_beams, batch_size=ft.eval_generation_batch_size or training.per_device_eval_batch_size,
-        humaneval_file=ft.humaneval_file, humaneval_limit=ft.humaneval_limit,
+        humaneval_file=ft.humaneval_file, mbpp_file=ft.mbpp_file, humaneval_limit=ft.humaneval_limit,
         humaneval_n_samples=ft.humaneval_n_samples, humaneval_temperature=ft.humaneval_temperature,
         humaneval_top_p=ft.humaneval_top_p, humaneval_max_new_tokens=ft.humaneval_max_new_tokens,
         skip_invalid_records=data_args.skip_invalid_records, cache_dir=args.model.cache_dir,
@@ -278,6 +280,16 @@ def _collator(args: ParsedArgs, tokenizer, *, seq2seq: bool, block_mask_dtype: t
     return collator
 
 
+def _evaluation_callbacks(args: ParsedArgs, data: PreparedData, *, generated_rouge: bool):
+    """Task metrics at each evaluation during training (none without --eval_strategy), early stopping."""
+    ft = args.finetune
+    during = args.training.eval_strategy != "no" and data.validation is not None
+    metrics = build_task_metrics(task_eval_settings(args), data.raw_validation,
+                                 skip=[ROUGE] if generated_rouge else []) if during else []
+    return evaluation_callbacks(metrics, samples=ft.eval_metric_samples, patience=ft.early_stopping_patience,
+                                threshold=ft.early_stopping_threshold)
+
+
 def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     """Run one fine-tuning job as the arguments describe.
 
@@ -327,11 +339,13 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     collator = _collator(args, tokenizer, seq2seq=seq2seq, block_mask_dtype=block_mask_dtype)
     stopper = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
     seq2seq_trainer = seq2seq and isinstance(training, Seq2SeqTrainingArguments)
+    rouge_metrics = (generated_rouge_metrics(task_eval_settings(args), training, model, tokenizer)
+                     if seq2seq_trainer else None)
+    task_metrics, evaluation = _evaluation_callbacks(args, data, generated_rouge=rouge_metrics is not None)
     trainer = build_trainer(
         model, tokenizer, training, train_dataset=data.train, eval_dataset=data.validation,
-        data_collator=collator, eval_ppl=ft.eval_ppl, callbacks=[stopper], seq2seq=seq2seq_trainer,
-        compute_metrics=(generated_rouge_metrics(task_eval_settings(args), training, model, tokenizer)
-                         if seq2seq_trainer else None),
+        data_collator=collator, eval_ppl=ft.eval_ppl, callbacks=[stopper, *evaluation], seq2seq=seq2seq_trainer,
+        compute_metrics=rouge_metrics, task_metrics=task_metrics,
     )
     install_progress(trainer)
     metrics: dict[str, Any] = {}

@@ -6,6 +6,7 @@ so that one failed start shows every mistake.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from transformers import TrainingArguments
@@ -58,13 +59,46 @@ def _evaluation_problems(ft: FinetuneArguments) -> list[str]:
         problems.append(f"--humaneval_temperature must be > 0 (got {ft.humaneval_temperature})")
     if not 0 < ft.humaneval_top_p <= 1:
         problems.append(f"--humaneval_top_p must be in (0, 1] (got {ft.humaneval_top_p})")
-    for flag in ("truthfulqa_file", "humaneval_file"):
+    for flag in ("truthfulqa_file", "humaneval_file", "mbpp_file"):
         path = getattr(ft, flag)
         if path and not Path(path).exists():
             problems.append(f"--{flag} {path}: no such file")
-    if ft.do_lm_eval and ft.task == "code-generation" and not ft.humaneval_file:
+    if ft.do_lm_eval and ft.task == "code-generation" and not (ft.humaneval_file or ft.mbpp_file):
         problems.append("--do_lm_eval with --task code-generation runs HumanEval and needs --humaneval_file "
                         "HumanEval.jsonl.gz (the public file of openai/human-eval; this build does not fetch it)")
+    return problems
+
+
+def _best_model_problems(args: ParsedArgs) -> list[str]:
+    """Early stopping and best-model flags that cannot work with what the run evaluates."""
+    from lmtune.evaluate.after_training import task_eval_settings
+    from lmtune.evaluate.in_training import metric_keys
+
+    ft, training, problems = args.finetune, args.training, []
+    if ft.eval_metric_samples is not None and ft.eval_metric_samples < 0:
+        problems.append(f"--eval_metric_samples must be >= 0 (got {ft.eval_metric_samples}); 0 turns task metrics off")
+    if ft.early_stopping_threshold < 0:
+        problems.append(f"--early_stopping_threshold must be >= 0 (got {ft.early_stopping_threshold})")
+    evaluates = training.eval_strategy != "no"
+    if ft.early_stopping_patience is not None:
+        if ft.early_stopping_patience <= 0:
+            problems.append(f"--early_stopping_patience must be > 0 (got {ft.early_stopping_patience})")
+        if not evaluates:
+            problems.append("--early_stopping_patience needs evaluations during training: add --eval_strategy steps "
+                            "(with --eval_steps N) or epoch")
+        if not training.metric_for_best_model:
+            problems.append("--early_stopping_patience needs --metric_for_best_model (e.g. eval_loss, eval_rouge1, "
+                            "humaneval_pass@1)")
+    name = training.metric_for_best_model
+    if name:
+        task = metric_keys(task_eval_settings(args)) if evaluates and ft.eval_metric_samples != 0 else []
+        known = ["eval_loss", *(["eval_ppl"] if ft.eval_ppl else []), *(f"eval_{key}" for key in task)]
+        if (name if name.startswith("eval_") else f"eval_{name}") not in known and name != "loss":
+            close = difflib.get_close_matches(f"eval_{name.removeprefix('eval_')}", known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"--metric_for_best_model {name}: this run does not compute it{hint}; it computes "
+                            f"{', '.join(known)}. Task metrics need --eval_strategy steps|epoch and, for code "
+                            "generation and TruthfulQA, --humaneval_file / --mbpp_file / --truthfulqa_file")
     return problems
 
 
@@ -125,5 +159,6 @@ def validate_args(args: ParsedArgs) -> None:
         problems.append("--bf16 and --fp16 exclude each other")
     problems += _run_safety_problems(data, ft, training)
     problems += _evaluation_problems(ft)
+    problems += _best_model_problems(args)
     if problems:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))

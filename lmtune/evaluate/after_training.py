@@ -41,7 +41,9 @@ def _last_step_evaluation(trainer) -> dict[str, Any] | None:
     last = next((entry for entry in reversed(state.log_history) if "eval_loss" in entry), None)
     if trainer.args.load_best_model_at_end or last is None or last.get("step") != state.global_step:
         return None
-    return {key: value for key, value in last.items() if key != "step"}
+    # The task metrics of evaluations during training scored a subset; after training they score it all.
+    subset = set(getattr(trainer.task_metrics, "keys", None) or [])
+    return {key: value for key, value in last.items() if key != "step" and key not in subset}
 
 
 def evaluate_after_training(trainer, tokenizer, settings: TaskEvalSettings, data: PreparedData) -> dict[str, Any]:

@@ -265,6 +265,8 @@ def evaluate_humaneval(
     limit: int | None = None,
     workers: int = 2,
     timeout: float = 5.0,
+    stop_sequences: tuple[str, ...] = STOP_SEQUENCES,
+    metric_prefix: str = "humaneval",
 ) -> dict:
     """Generate completions for HumanEval prompts and report pass@k.
 
@@ -281,9 +283,11 @@ def evaluate_humaneval(
         limit: Evaluate only the first ``limit`` problems.
         workers: Test programs running at once.
         timeout: Wall-clock seconds per test program.
+        stop_sequences: Where a completion ends (MBPP has its own, ``mbpp.MBPP_STOP_SEQUENCES``).
+        metric_prefix: Names the metrics (``mbpp`` for MBPP problems).
 
     Returns:
-        ``humaneval_pass@<k>`` (0-1) for each ``k``, and ``humaneval_per_problem``:
+        ``<prefix>_pass@<k>`` (0-1) for each ``k``, and ``<prefix>_per_problem``:
         per problem its task_id, completions (after stop-sequence truncation),
         passed flags and reasons.
 
@@ -303,15 +307,15 @@ def evaluate_humaneval(
         batch_size=batch_size, do_sample=sampling, temperature=temperature if sampling else None,
         top_p=top_p if sampling else None, num_return_sequences=n_samples,
     )
-    completions = [truncate_at_stop(text) for text in generations]
+    completions = [truncate_at_stop(text, stop_sequences) for text in generations]
     checks = [(problems[i // n_samples], completion) for i, completion in enumerate(completions)]
     per_problem = _per_problem(problems, completions, check_completions(checks, timeout=timeout, workers=workers))
     metrics: dict = {
-        f"humaneval_pass@{value}": sum(pass_at_k(n_samples, sum(p["passed"]), value) for p in per_problem)
+        f"{metric_prefix}_pass@{value}": sum(pass_at_k(n_samples, sum(p["passed"]), value) for p in per_problem)
         / len(per_problem)
         for value in k
     }
-    metrics["humaneval_per_problem"] = per_problem
+    metrics[f"{metric_prefix}_per_problem"] = per_problem
     return metrics
 
 

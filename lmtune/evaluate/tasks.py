@@ -8,7 +8,8 @@ which evaluations a run gets, as the reference chose them:
   from the validation records, in batches (``eval_rouge*``; ``eval_generations.jsonl``). The
   prompt is the training prompt (``summarization_prompts``); references are the whole highlights.
 - ``--task code-generation`` with ``--do_lm_eval``: HumanEval pass@k (``humaneval_pass@k``;
-  every completion with its result in ``humaneval_results.jsonl``).
+  every completion with its result in ``humaneval_results.jsonl``), and MBPP the same way
+  with ``--mbpp_file`` (``mbpp_pass@k``, ``mbpp_results.jsonl``).
 - any other task with ``--do_lm_eval``: ``--lm_eval_tasks``. TruthfulQA MC1/MC2 are built in
   (``truthfulqa_mc`` is the reference's name for both); other names, or task YAML files, go to
   the ``lm_eval`` package with the in-memory model.
@@ -34,7 +35,8 @@ from lmtune.data.seq2seq import summary_source_budget
 from lmtune.data.summarization import SUMMARIZATION_FORMAT, summarization_prompts
 from lmtune.errors import ConfigError, DataFormatError
 from lmtune.evaluate.generation import generate_batched
-from lmtune.evaluate.humaneval import check_completions, evaluate_humaneval, load_humaneval
+from lmtune.evaluate.humaneval import STOP_SEQUENCES, check_completions, evaluate_humaneval, load_humaneval
+from lmtune.evaluate.mbpp import MBPP_STOP_SEQUENCES, load_mbpp
 from lmtune.evaluate.lm_eval_bridge import LM_EVAL_MISSING, lm_eval_available, run_lm_eval
 from lmtune.evaluate.multiple_choice import score_truthfulqa
 from lmtune.evaluate.rouge import compute_rouge
@@ -54,6 +56,7 @@ GENERATIONS_FILE = "eval_generations.jsonl"
 HUMANEVAL_RESULTS_FILE = "humaneval_results.jsonl"
 ROUGE = "rouge"
 HUMANEVAL = "humaneval"
+MBPP = "mbpp"
 BENCHMARKS = "benchmarks"
 
 
@@ -72,6 +75,7 @@ class TaskEvalSettings:
     num_beams: int = 1
     batch_size: int = 8
     humaneval_file: str | None = None
+    mbpp_file: str | None = None
     humaneval_limit: int | None = None
     humaneval_n_samples: int = 1
     humaneval_temperature: float = 0.2
@@ -99,7 +103,7 @@ def check_task_evaluation(settings: TaskEvalSettings) -> None:
             ``lm_eval`` package, listed together.
     """
     plan, problems = plan_evaluations(settings), []
-    if HUMANEVAL in plan and not settings.humaneval_file:
+    if HUMANEVAL in plan and not (settings.humaneval_file or settings.mbpp_file):
         problems.append("HumanEval needs --humaneval_file HumanEval.jsonl.gz (the public file of openai/human-eval)")
     external = [t for t in settings.lm_eval_tasks if t not in TRUTHFULQA_TASKS]
     if BENCHMARKS in plan and external and not lm_eval_available():
@@ -114,6 +118,27 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def generate_summaries(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict], *, max_source_length: int,
+    max_target_length: int, num_beams: int = 1, batch_size: int = 8, skip_invalid: bool = False,
+    source: str = "validation",
+) -> tuple[list[str], list[str]]:
+    """(generated summaries, reference highlights) of ``records``, prompted as training rendered them.
+
+    Raises:
+        DataFormatError: for records without article/highlights.
+    """
+    columns = records[0].keys() if records else ()
+    examples = to_examples(records, columns, source, skip_invalid=skip_invalid, formats=(SUMMARIZATION_FORMAT,))
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    budget = summary_source_budget(tokenizer, max_source_length) if seq2seq else max_source_length
+    prompts = summarization_prompts(examples, tokenizer, budget, source=source)
+    predictions = [text.strip() for text in generate_batched(
+        model, tokenizer, prompts, max_new_tokens=max_target_length, num_beams=num_beams, batch_size=batch_size,
+    )]
+    return predictions, [example["highlights"] for example in examples]
 
 
 def evaluate_summarization(
@@ -151,18 +176,14 @@ def evaluate_summarization(
         DataFormatError: for records without article/highlights.
     """
     records = list(records)
-    columns = records[0].keys() if records else ()
-    examples = to_examples(records, columns, source, skip_invalid=skip_invalid, formats=(SUMMARIZATION_FORMAT,))
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    budget = summary_source_budget(tokenizer, max_source_length) if seq2seq else max_source_length
-    prompts = summarization_prompts(examples, tokenizer, budget, source=source)
-    predictions = [text.strip() for text in generate_batched(
-        model, tokenizer, prompts, max_new_tokens=max_target_length, num_beams=num_beams, batch_size=batch_size,
-    )]
-    references = [example["highlights"] for example in examples]
+    predictions, references = generate_summaries(
+        model, tokenizer, records, max_source_length=max_source_length, max_target_length=max_target_length,
+        num_beams=num_beams, batch_size=batch_size, skip_invalid=skip_invalid, source=source,
+    )
     scores = compute_rouge(predictions, references)
     if output_dir is not None:
-        ids = [record.get("id") for record in records] if len(records) == len(examples) else [None] * len(examples)
+        kept = len(records) == len(predictions)
+        ids = [record.get("id") for record in records] if kept else [None] * len(predictions)
         _write_jsonl(Path(output_dir) / GENERATIONS_FILE, (
             {"index": i, "id": ids[i], "prediction": p, "reference": r}
             for i, (p, r) in enumerate(zip(predictions, references))
@@ -177,6 +198,7 @@ def evaluate_code_generation(
     tokenizer: PreTrainedTokenizerBase,
     *,
     humaneval_file: str | Path,
+    benchmark: str = HUMANEVAL,
     limit: int | None = None,
     n_samples: int = 1,
     temperature: float = 0.2,
@@ -185,31 +207,39 @@ def evaluate_code_generation(
     batch_size: int = 8,
     output_dir: str | Path | None = None,
 ) -> dict[str, float]:
-    """HumanEval pass@k of the model, each completion run in the sandbox.
+    """HumanEval (or, with ``benchmark="mbpp"``, MBPP) pass@k of the model, each completion run in the sandbox.
 
     Returns:
-        ``humaneval_pass@k`` for every k of 1, 10, 100 up to ``n_samples``, plus
-        ``humaneval_problems`` and ``humaneval_n_samples``.
+        ``<benchmark>_pass@k`` for every k of 1, 10, 100 up to ``n_samples``, plus
+        ``<benchmark>_problems`` and ``<benchmark>_n_samples``.
 
     Raises:
         DataFormatError: for a missing or malformed problems file.
         ConfigError: for out-of-range counts.
     """
-    problems = load_humaneval(humaneval_file)
+    problems, stops = load_code_problems(humaneval_file, benchmark)
     k = tuple(value for value in PASS_AT_K if value <= n_samples)
     result = evaluate_humaneval(
         model, tokenizer, problems, n_samples=n_samples, k=k, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, batch_size=batch_size, limit=limit,
+        temperature=temperature, top_p=top_p, batch_size=batch_size, limit=limit, stop_sequences=stops,
+        metric_prefix=benchmark,
     )
-    per_problem = result.pop("humaneval_per_problem")
+    per_problem = result.pop(f"{benchmark}_per_problem")
     if output_dir is not None:
-        _write_jsonl(Path(output_dir) / HUMANEVAL_RESULTS_FILE, per_problem)
-    return {**result, "humaneval_problems": len(per_problem), "humaneval_n_samples": n_samples}
+        _write_jsonl(Path(output_dir) / f"{benchmark}_results.jsonl", per_problem)
+    return {**result, f"{benchmark}_problems": len(per_problem), f"{benchmark}_n_samples": n_samples}
+
+
+def load_code_problems(path: str | Path, benchmark: str = HUMANEVAL) -> tuple[list[dict], tuple[str, ...]]:
+    """The problems of a HumanEval or MBPP file, and where that benchmark's completions stop."""
+    if benchmark == MBPP:
+        return load_mbpp(path), MBPP_STOP_SEQUENCES
+    return load_humaneval(path), STOP_SEQUENCES
 
 
 def score_reference_solutions(
     humaneval_file: str | Path, *, limit: int | None = None, output_dir: str | Path | None = None,
-    workers: int = 2, timeout: float = 10.0,
+    workers: int = 2, timeout: float = 10.0, benchmark: str = HUMANEVAL,
 ) -> dict[str, float]:
     """Run every problem's own ``canonical_solution`` through the harness: pass@1 must be 1.0.
 
@@ -219,20 +249,21 @@ def score_reference_solutions(
     """
     if limit is not None and limit < 1:
         raise ConfigError(f"--humaneval_limit must be > 0 (got {limit})")
-    problems = load_humaneval(humaneval_file)[:limit]
+    problems = load_code_problems(humaneval_file, benchmark)[0][:limit]
     lacking = [p["task_id"] for p in problems if not isinstance(p.get("canonical_solution"), str)]
     if lacking:
         raise DataFormatError(f"{humaneval_file}: {len(lacking)} problem(s) have no canonical_solution "
                               f"(first: {lacking[0]}); --reference_solutions needs the official file.")
     outcomes = check_completions([(p, p["canonical_solution"]) for p in problems], timeout=timeout, workers=workers)
     if output_dir is not None:
-        _write_jsonl(Path(output_dir) / HUMANEVAL_RESULTS_FILE, (
+        _write_jsonl(Path(output_dir) / f"{benchmark}_results.jsonl", (
             {"task_id": p["task_id"], "passed": [ok], "results": [why]} for p, (ok, why) in zip(problems, outcomes)
         ))
     failed = [p["task_id"] for p, (ok, _) in zip(problems, outcomes) if not ok]
     if failed:
         logger.warning("reference solutions failing the harness: %s", ", ".join(failed[:10]))
-    return {"humaneval_pass@1": (len(problems) - len(failed)) / len(problems), "humaneval_problems": len(problems)}
+    return {f"{benchmark}_pass@1": (len(problems) - len(failed)) / len(problems),
+            f"{benchmark}_problems": len(problems)}
 
 
 def evaluate_benchmarks(
@@ -315,12 +346,14 @@ def run_task_evaluation(
                 batch_size=settings.batch_size, output_dir=output_dir, skip_invalid=settings.skip_invalid_records,
             ))
         elif step == HUMANEVAL:
-            results.benchmarks.update(evaluate_code_generation(
-                model, tokenizer, humaneval_file=settings.humaneval_file, limit=settings.humaneval_limit,
-                n_samples=settings.humaneval_n_samples, temperature=settings.humaneval_temperature,
-                top_p=settings.humaneval_top_p, max_new_tokens=settings.humaneval_max_new_tokens,
-                batch_size=settings.batch_size, output_dir=output_dir,
-            ))
+            for benchmark, path in ((HUMANEVAL, settings.humaneval_file), (MBPP, settings.mbpp_file)):
+                if path:
+                    results.benchmarks.update(evaluate_code_generation(
+                        model, tokenizer, humaneval_file=path, benchmark=benchmark, limit=settings.humaneval_limit,
+                        n_samples=settings.humaneval_n_samples, temperature=settings.humaneval_temperature,
+                        top_p=settings.humaneval_top_p, max_new_tokens=settings.humaneval_max_new_tokens,
+                        batch_size=settings.batch_size, output_dir=output_dir,
+                    ))
         else:
             results.benchmarks.update(evaluate_benchmarks(
                 model, tokenizer, settings.lm_eval_tasks, truthfulqa_file=settings.truthfulqa_file,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.errors import ConfigError
-from lmtune.export.plots import LOSS_CURVE_FILE, plot_loss_curve
+from lmtune.export.plots import LOSS_CURVE_FILE, plot_loss_curve, plot_metric_curves
 from lmtune.run_record import ARGS_FILE
 
 CARD_FILE = "README.md"
@@ -211,7 +211,7 @@ def write_model_card(output_dir: str | Path, *, world_size: int | None = None) -
 def write_run_summary(
     output_dir: str | Path, log_history: list[dict[str, Any]], *, world_size: int | None = None
 ) -> Path:
-    """End of a run: the loss-curve PNG, then the model card that shows it.
+    """End of a run: the loss-curve PNG (and the task metrics' beside it), then the model card that shows it.
 
     Args:
         output_dir: The run's ``--output_dir``, after the last save.
@@ -225,6 +225,7 @@ def write_run_summary(
     run = _read_json(Path(output_dir) / ARGS_FILE)
     base = run.get("args", {}).get("model", {}).get("model_name_or_path") or "?"
     plot_loss_curve(log_history, output_dir, title=f"{Path(output_dir).name} ({base})")
+    plot_metric_curves(log_history, output_dir, title=f"{Path(output_dir).name} ({base}): task metrics")
     return write_model_card(output_dir, world_size=world_size)
 
 

@@ -2,6 +2,7 @@
 
 One small subclass adds what the stock Trainer lacks: ``eval_ppl`` next to every
 ``eval_loss`` it logs (the reference monkeypatched ``Trainer.evaluate`` globally for that),
+the task's metric at every evaluation during training (``train/eval_metrics.py``),
 checkpoints written atomically (``train/checkpointing.py``), and a training loss that
 never materializes the batch's full logits (``train/loss.py``). Two stock choices change:
 DDP does not search for unused parameters in adapter runs (every adapter parameter is
@@ -32,15 +33,29 @@ from transformers import (
 
 from lmtune.evaluate.perplexity import perplexity_from_loss
 from lmtune.train.checkpointing import AtomicCheckpointMixin
+from lmtune.train.eval_metrics import TaskMetricsCallback
 from lmtune.train.loss import causal_lm_loss_sum
 
 logger = logging.getLogger(__name__)
 
 
-class PerplexityMixin:
-    """Adds ``<prefix>_ppl`` wherever an ``eval_loss`` (or ``<prefix>_loss`` of an eval split) is logged."""
+class EvaluationMixin:
+    """Adds ``<prefix>_ppl`` wherever an ``eval_loss`` (or ``<prefix>_loss`` of an eval split) is logged,
+    and the task's metrics to every evaluation during training (``train/eval_metrics.py``)."""
 
     report_perplexity: bool = True
+    task_metrics: TaskMetricsCallback | None = None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        # The public hook between the loss loop and the Trainer's log, best-model choice and
+        # on_evaluate callbacks: what is added here reaches all three.
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if self.task_metrics is not None and metric_key_prefix == "eval":
+            extra = self.task_metrics.compute(self.model, self.processing_class, self.args)
+            output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in extra.items()})
+        return output
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.report_perplexity:
@@ -158,7 +173,7 @@ def _plain_head_parts(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     return model.get_decoder(), head
 
 
-class LmtuneTrainer(StockOverridesMixin, AtomicCheckpointMixin, PerplexityMixin, Trainer):
+class LmtuneTrainer(StockOverridesMixin, AtomicCheckpointMixin, EvaluationMixin, Trainer):
     """The stock Trainer plus perplexity, atomic checkpoints, a lean training loss and the stock overrides.
 
     The training loss is computed from hidden states (``train/loss.py``): the output head
@@ -187,7 +202,7 @@ class LmtuneTrainer(StockOverridesMixin, AtomicCheckpointMixin, PerplexityMixin,
         return loss
 
 
-class LmtuneSeq2SeqTrainer(StockOverridesMixin, AtomicCheckpointMixin, PerplexityMixin, Seq2SeqTrainer):
+class LmtuneSeq2SeqTrainer(StockOverridesMixin, AtomicCheckpointMixin, EvaluationMixin, Seq2SeqTrainer):
     """The stock Seq2SeqTrainer plus perplexity, atomic checkpoints and the stock overrides."""
 
 
@@ -203,6 +218,7 @@ def build_trainer(
     eval_ppl: bool = True,
     seq2seq: bool = False,
     compute_metrics: Callable | None = None,
+    task_metrics: TaskMetricsCallback | None = None,
 ) -> Trainer:
     """Assemble the Trainer; nothing is trained here.
 
@@ -218,6 +234,7 @@ def build_trainer(
         seq2seq: Use ``Seq2SeqTrainer`` (needs ``Seq2SeqTrainingArguments``).
         compute_metrics: Extra metrics from each evaluation's predictions (e.g. ROUGE of
             generated text with ``--predict_with_generate``).
+        task_metrics: The task's metrics at every evaluation during training.
 
     Returns:
         The Trainer, ready for ``train()`` / ``evaluate()``.
@@ -230,8 +247,9 @@ def build_trainer(
         eval_dataset=eval_dataset,
         data_collator=data_collator,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), *([task_metrics] if task_metrics else [])],
         compute_metrics=compute_metrics,
     )
     trainer.report_perplexity = eval_ppl
+    trainer.task_metrics = task_metrics
     return trainer
