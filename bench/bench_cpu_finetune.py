@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.assets import MODEL_PRESETS, MissingDataError, build_model_dir, require_shared_data, write_records  # noqa: E402
-from bench.report import Measurement, format_table, ratios_line, summarize  # noqa: E402
+from bench.report import Measurement, format_table, goal_lines, ratios_line, summarize  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "ref-concat": dict(kind="reference", concatenation=True, bf16=True,
@@ -41,8 +41,19 @@ VARIANTS: dict[str, dict] = {
                        label="lmtune without --dataset_concatenation"),
     "lmtune-ckpt": dict(kind="lmtune", concatenation=True, bf16=True, extra=["--activation_checkpointing", "True"],
                         label="lmtune, the reference's flags plus --activation_checkpointing True (memory)"),
+    # Peers a CPU user could pick instead; "auto" precision: bf16 where this CPU's bf16 pays, else float32.
+    "trl": dict(kind="trl", packed=False, bf16="auto",
+                label="TRL SFTTrainer, its defaults (no packing, gradient checkpointing on)"),
+    "trl-packed": dict(kind="trl", packed=True, bf16="auto",
+                       label="TRL SFTTrainer, packing=True (BFD, padding-free), gradient checkpointing off"),
+    "torchtune": dict(kind="torchtune", packed=False, bf16="auto",
+                      label="torchtune 0.6.1 lora_finetune_single_device, its defaults (no packing)"),
+    "torchtune-packed": dict(kind="torchtune", packed=True, bf16="auto",
+                             label="torchtune 0.6.1 lora_finetune_single_device, packed: True"),
 }
-DEFAULT_VARIANTS = ("ref-concat", "ref-pad", "lmtune", "lmtune-ckpt", "ref-concat-fp32", "ref-pad-fp32")
+DEFAULT_VARIANTS = ("ref-concat", "ref-concat-fp32", "ref-pad-fp32", "lmtune", "lmtune-pad", "trl", "trl-packed",
+                    "torchtune")
+PEERS = ("trl", "trl-packed", "torchtune", "torchtune-packed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="Defaults of 16 records, max_seq_length 256, 1 repeat.")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lmtune-bench",
                         help="Where the random-weight models are saved once.")
+    parser.add_argument("--torchtune-python", default=os.environ.get("LMTUNE_BENCH_TORCHTUNE_PYTHON", sys.executable),
+                        help="Interpreter with torchtune==0.6.1 and torchao==0.13.0 (see bench/torchtune_path.py).")
     parser.add_argument("--work-dir", type=Path, default=None, help="Run outputs and logs (default: a temp dir).")
     parser.add_argument("--results-json", type=Path, default=None, help="Also write every measurement here.")
     args = parser.parse_args(argv)
@@ -88,13 +101,20 @@ def measure_ceiling(seconds: float = 2.0) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def torchtune_missing(python: str) -> str | None:
+    """Why ``python`` cannot run torchtune's LoRA recipe, or None when it can."""
+    probe = "import sys; sys.path.insert(0, 'bench'); from torchtune_path import recipe_class; recipe_class()"
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    return None if out.returncode == 0 else (out.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
 def run_once(name: str, spec: dict, work_dir: Path, index: int, omp_wait_policy: str) -> Measurement:
     """One variant in its own process: wall time and peak RSS from the parent, the rest from the child."""
     run_dir = work_dir / f"{index:02d}-{name}"
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = dict(spec, output_dir=str(run_dir / "out"))
     (run_dir / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
-    command = [sys.executable, str(Path(__file__).with_name("worker.py")), str(run_dir / "spec.json"),
+    command = [spec.get("python", sys.executable), str(Path(__file__).with_name("worker.py")), str(run_dir / "spec.json"),
                str(run_dir / "result.json")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if omp_wait_policy == "passive":
@@ -124,6 +144,23 @@ def run_table(
             print(f"[{tag}]   {measurement.brief()}", flush=True)
             measurements.append(measurement)
     return measurements
+
+
+def resolve_variants(args: argparse.Namespace, bf16_pays: bool) -> list[str]:
+    """The variants to run: peers' "auto" precision settled for this CPU, torchtune dropped (with why) if absent."""
+    for spec in VARIANTS.values():
+        if spec.get("bf16") == "auto":
+            spec["bf16"] = bf16_pays
+        if spec["kind"] == "torchtune":
+            spec["python"] = args.torchtune_python
+    chosen = list(args.variants)
+    if any(VARIANTS[name]["kind"] == "torchtune" for name in chosen):
+        why = torchtune_missing(args.torchtune_python)
+        if why:
+            print(f"torchtune variants skipped: {args.torchtune_python} cannot import torchtune's LoRA recipe ({why}); "
+                  "see bench/torchtune_path.py for the install")
+            chosen = [name for name in chosen if VARIANTS[name]["kind"] != "torchtune"]
+    return chosen
 
 
 def environment() -> str:
@@ -162,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
           f"max_seq_length {args.max_seq_length}, batch {args.batch_size}, {args.repeats} repeat(s); work dir {work_dir}")
     base = dict(model_dir=str(model_dir), train_file=str(train_file), max_seq_length=args.max_seq_length,
                 batch_size=args.batch_size)
-    measurements = run_table(args.variants, base, args.repeats, work_dir, "main", args.omp_wait_policy)
+    variants = resolve_variants(args, check.helps)
+    measurements = run_table(variants, base, args.repeats, work_dir, "main", args.omp_wait_policy)
     large = []
     if args.large_vocab:
         large_dir = build_model_dir("gemma-like-256k", args.cache_dir)
@@ -185,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                    "runs": [m.to_dict() for m in measurements + large]}
         args.results_json.write_text(json.dumps(payload, indent=1), encoding="utf-8")
     print(ratios_line(rows))
+    print(goal_lines(rows, bf16_units=check.helps))
     return 0
 
 

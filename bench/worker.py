@@ -77,19 +77,40 @@ def run_reference_variant(spec: dict) -> dict:
     )
 
 
+def run_trl_variant(spec: dict) -> dict:
+    from bench.trl_path import run_trl
+
+    return run_trl(
+        model_dir=spec["model_dir"], train_file=spec["train_file"], output_dir=spec["output_dir"],
+        max_seq_length=spec["max_seq_length"], batch_size=spec["batch_size"], bf16=spec["bf16"],
+        packed=spec.get("packed", False),
+    )
+
+
+def trainer_facts() -> dict:
+    """What the Trainer trained on, for the runs built on transformers' Trainer."""
+    trainer = _RUN["trainer"]
+    dataset = trainer.train_dataset
+    facts = dict(rows=len(dataset), compute="bf16" if trainer.args.bf16 else "fp32",
+                 weights=str(next(trainer.model.parameters()).dtype).replace("torch.", ""))
+    facts["dataset_tokens"] = sum(len(ids) for ids in dataset["input_ids"])
+    return facts
+
+
 def main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     if spec["kind"] == "lmtune":
         import lmtune.finetune  # noqa: F401  first, as `finetune_clm` does: it sets up OpenMP before torch loads
-    install_step_timer()
-    outcome = run_lmtune(spec) if spec["kind"] == "lmtune" else run_reference_variant(spec)
-    trainer = _RUN["trainer"]
-    dataset = trainer.train_dataset
+    if spec["kind"] == "torchtune":
+        from bench.torchtune_path import run_torchtune
+
+        outcome = run_torchtune(spec, _RUN)
+    else:
+        install_step_timer()
+        runner = {"lmtune": run_lmtune, "reference": run_reference_variant, "trl": run_trl_variant}[spec["kind"]]
+        outcome = runner(spec)
+        outcome = {**trainer_facts(), **outcome}  # a runner's own token count wins
     outcome.update(
-        dataset_tokens=sum(len(ids) for ids in dataset["input_ids"]),
-        rows=len(dataset),
-        compute="bf16" if trainer.args.bf16 else "fp32",
-        weights=str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
         steps_timed=_RUN["steps"],
         train_start=_RUN["train_start"],
         setup_s=_RUN["train_start"] - _RUN["process_start"],
