@@ -33,7 +33,7 @@ from lmtune.data.report import build_data_report, estimate_steps, format_data_re
 from lmtune.data.shared_cache import discard_prepared, load_prepared, prepared_cache_dir, save_prepared
 from lmtune.evaluate.after_training import evaluate_after_training, generated_rouge_metrics
 from lmtune.evaluate.in_training import build_task_metrics
-from lmtune.evaluate.tasks import ROUGE, TaskEvalSettings, check_task_evaluation
+from lmtune.evaluate.tasks import ROUGE, check_task_evaluation
 from lmtune.export.model_card import write_run_summary
 from lmtune.model.adapters import AdapterSettings, apply_adapter, check_method_allowed
 from lmtune.model.load import (
@@ -62,7 +62,7 @@ from lmtune.train.progress import check_report_to, configure_messages, install_p
 from lmtune.train.eval_metrics import evaluation_callbacks
 from lmtune.train.trainer import build_trainer
 from lmtune.train.zero import whole_weights
-from lmtune.validation import validate_args
+from lmtune.validation import task_eval_settings, validate_args
 
 logger = logging.getLogger(__name__)
 
@@ -73,21 +73,6 @@ def _configure_logging(training: transformers.TrainingArguments) -> None:
     logging.getLogger("lmtune").setLevel(level if training.log_level != "passive" else logging.INFO)
     transformers.utils.logging.set_verbosity(level)
     configure_messages(interactive=is_interactive(training.disable_tqdm))
-
-
-def task_eval_settings(args: ParsedArgs) -> TaskEvalSettings:
-    """The evaluations the command line asks for, as the flat settings ``lmtune.evaluate`` takes."""
-    data_args, ft, training = args.data, args.finetune, args.training
-    return TaskEvalSettings(
-        task=ft.task, do_eval=training.do_eval, do_lm_eval=ft.do_lm_eval, lm_eval_tasks=tuple(ft.lm_eval_tasks),
-        lm_eval_limit=ft.lm_eval_limit, truthfulqa_file=ft.truthfulqa_file,
-        max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length,
-        num_beams=data_args.num_beams, batch_size=ft.eval_generation_batch_size or training.per_device_eval_batch_size,
-        humaneval_file=ft.humaneval_file, mbpp_file=ft.mbpp_file, humaneval_limit=ft.humaneval_limit,
-        humaneval_n_samples=ft.humaneval_n_samples, humaneval_temperature=ft.humaneval_temperature,
-        humaneval_top_p=ft.humaneval_top_p, humaneval_max_new_tokens=ft.humaneval_max_new_tokens,
-        skip_invalid_records=data_args.skip_invalid_records, cache_dir=args.model.cache_dir,
-    )
 
 
 def _with_device(args: ParsedArgs) -> ParsedArgs:

@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 
 from lmtune.args import DataArguments, FinetuneArguments, ParsedArgs
 from lmtune.errors import ConfigError
+from lmtune.evaluate.tasks import TaskEvalSettings
 
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
@@ -69,9 +70,23 @@ def _evaluation_problems(ft: FinetuneArguments) -> list[str]:
     return problems
 
 
+def task_eval_settings(args: ParsedArgs) -> TaskEvalSettings:
+    """The evaluations the command line asks for, as the flat settings ``lmtune.evaluate`` takes."""
+    data_args, ft, training = args.data, args.finetune, args.training
+    return TaskEvalSettings(
+        task=ft.task, do_eval=training.do_eval, do_lm_eval=ft.do_lm_eval, lm_eval_tasks=tuple(ft.lm_eval_tasks),
+        lm_eval_limit=ft.lm_eval_limit, truthfulqa_file=ft.truthfulqa_file,
+        max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length,
+        num_beams=data_args.num_beams, batch_size=ft.eval_generation_batch_size or training.per_device_eval_batch_size,
+        humaneval_file=ft.humaneval_file, mbpp_file=ft.mbpp_file, humaneval_limit=ft.humaneval_limit,
+        humaneval_n_samples=ft.humaneval_n_samples, humaneval_temperature=ft.humaneval_temperature,
+        humaneval_top_p=ft.humaneval_top_p, humaneval_max_new_tokens=ft.humaneval_max_new_tokens,
+        skip_invalid_records=data_args.skip_invalid_records, cache_dir=args.model.cache_dir,
+    )
+
+
 def _best_model_problems(args: ParsedArgs) -> list[str]:
     """Early stopping and best-model flags that cannot work with what the run evaluates."""
-    from lmtune.evaluate.after_training import task_eval_settings
     from lmtune.evaluate.in_training import metric_keys
 
     ft, training, problems = args.finetune, args.training, []

@@ -41,7 +41,7 @@ from gguf import (
 from safetensors import safe_open
 from transformers import AutoConfig, HfArgumentParser, PretrainedConfig
 
-from lmtune.args import parse_command_flags
+from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError, UnsupportedError
 from lmtune.export.gguf_vocab import add_vocab
 from lmtune.export.merge import merge_adapter, resolve_base
