@@ -69,16 +69,20 @@ class DataArguments:
     validation_split_percentage: int = field(
         default=0, metadata={"help": "Percent of the training data held out for validation when none is given."}
     )
-    overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize instead of using the cache."})
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Tokenize again instead of reading earlier results from the datasets cache."}
+    )
     pad_to_max_length: bool = field(default=False, metadata={"help": "Pad every batch to --max_seq_length."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
-    keep_in_memory: bool = field(default=False, metadata={"help": "Keep the dataset in memory (no cache files)."})
+    keep_in_memory: bool = field(
+        default=False, metadata={"help": "Tokenize in memory: neither read nor write datasets cache files."}
+    )
     dataset_seed: int = field(default=42, metadata={"help": "Seed of the validation split shuffle."})
     dataset_cache_directory: str | None = field(
         default=None,
-        metadata={"help": "Where each node's local rank 0 of a multi-process run leaves the prepared data for "
-                  "the other ranks (removed once read; default: the datasets cache)."},
+        metadata={"help": "Where tokenized data is cached, for later runs and for the other ranks of a node "
+                  "(default: the datasets cache, HF_DATASETS_CACHE)."},
     )
     dataset_concatenation: bool = field(
         default=False,
@@ -89,7 +93,9 @@ class DataArguments:
     max_target_length: int = field(default=128, metadata={"help": "Target budget; new tokens for ROUGE generation."})
     num_beams: int = field(default=4, metadata={"help": "Beams for generation during evaluation."})
     streaming: bool = field(default=False, metadata={"help": "Stream a hub dataset instead of downloading it."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes that tokenize the data (datasets.map num_proc)."}
+    )
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Skip malformed records (reported) instead of stopping at the first."}
     )

@@ -30,7 +30,6 @@ from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import PreparedData, RenderSettings, prepare_data
 from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.report import build_data_report, estimate_steps, format_data_report
-from lmtune.data.shared_cache import discard_prepared, load_prepared, prepared_cache_dir, save_prepared
 from lmtune.evaluate.after_training import evaluate_after_training, generated_rouge_metrics
 from lmtune.evaluate.in_training import build_task_metrics
 from lmtune.evaluate.tasks import ROUGE, check_task_evaluation
@@ -142,21 +141,15 @@ def _prepare(args: ParsedArgs, tokenizer, *, seq2seq: bool) -> PreparedData:
         dataset_concatenation=data.dataset_concatenation, seq2seq=seq2seq, need_train=training.do_train,
         need_validation=training.do_eval, settings=settings, seed=data.dataset_seed,
         cache_dir=args.model.cache_dir, token=args.model.token, streaming=data.streaming,
+        # The other ranks read what the local main just wrote, also when it overwrote the cache.
+        preprocessing_num_workers=data.preprocessing_num_workers,
+        overwrite_cache=data.overwrite_cache and training.local_process_index == 0,
+        keep_in_memory=data.keep_in_memory, dataset_cache_directory=data.dataset_cache_directory,
     )
-    if training.world_size == 1:
-        return prepare_data(tokenizer, **inputs)
-    # Each node's local rank 0 prepares and saves the data; the node's other ranks wait, then read it.
-    path = prepared_cache_dir(data.dataset_cache_directory, tokenizer, inputs)
+    # Each node's local rank 0 tokenizes into the datasets cache first; the node's other ranks then
+    # find the same samples there (lmtune.data.pipeline) instead of tokenizing again.
     with training.main_process_first(desc="data preparation"):
-        if training.local_process_index == 0:
-            prepared = prepare_data(tokenizer, **inputs)
-            save_prepared(prepared, path)
-        else:
-            prepared = load_prepared(path)
-    training.distributed_state.wait_for_everyone()  # every rank holds its data: the copy can go
-    if training.local_process_index == 0:
-        discard_prepared(path)
-    return prepared
+        return prepare_data(tokenizer, **inputs)
 
 
 def _carry_chat_template(args: ParsedArgs, tokenizer) -> None:

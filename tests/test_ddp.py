@@ -109,25 +109,27 @@ def test_a_different_global_batch_trains_a_different_adapter(reference, tiny_lla
 
 COUNTING_ENTRY = """
     import json, os, sys
+    import lmtune.data.pipeline
     import lmtune.finetune
     from lmtune.cli import main_clm
 
-    prepare_data, build_trainer, calls, trainers = lmtune.finetune.prepare_data, lmtune.finetune.build_trainer, [], []
+    tokenize, build_trainer, calls, trainers = (lmtune.data.pipeline.tokenize_segment_batch,
+                                                lmtune.finetune.build_trainer, [], [])
 
     def counted(*args, **kwargs):
         calls.append(1)
-        return prepare_data(*args, **kwargs)
+        return tokenize(*args, **kwargs)
 
     def kept(*args, **kwargs):
         trainers.append(build_trainer(*args, **kwargs))
         return trainers[-1]
 
-    lmtune.finetune.prepare_data = counted  # the real function, counted per rank
+    lmtune.data.pipeline.tokenize_segment_batch = counted  # the real function, counted per rank
     lmtune.finetune.build_trainer = kept  # the real trainer, kept to read its DDP wrapper
     code = main_clm(sys.argv[1:])
     wrapper = trainers[0].model_wrapped
     with open(os.path.join(os.environ["COUNT_DIR"], f"rank{os.environ['RANK']}.json"), "w") as out:
-        json.dump({"prepared": len(calls), "wrapper": type(wrapper).__name__,
+        json.dump({"prepared": min(len(calls), 1), "wrapper": type(wrapper).__name__,
                    "find_unused": getattr(wrapper, "find_unused_parameters", None)}, out)
     sys.exit(code)
 """
@@ -169,15 +171,15 @@ def test_torchrun_two_processes_train_the_same_adapter(reference, tiny_llama_dir
     assert code == 0, output.err[-3000:]
     assert_same_adapter(out, reference[False])
     assert_rank_zero_reported(output.out + output.err)
-    # Rank 0 prepared the data and saved it; rank 1 read rank 0's copy instead of tokenizing again,
-    # and the copy is gone once both held their data. Every LoRA parameter is used each step, so
+    # Rank 0 tokenized the data into the datasets cache; rank 1 read it there instead of tokenizing
+    # again (a later run of the same job reads it too). Every LoRA parameter is used each step, so
     # DDP skips the per-step search for unused ones (transformers turns it on for any PeftModel).
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [
         {"prepared": 1, "wrapper": "DistributedDataParallel", "find_unused": False},
         {"prepared": 0, "wrapper": "DistributedDataParallel", "find_unused": False},
     ]
     assert FIND_UNUSED_WARNING not in output.out + output.err
-    assert list((cache / "lmtune-prepared").iterdir()) == []
+    assert len(list((cache / "lmtune-rendered").glob("rendered-*.arrow"))) == 1
     assert (out / "train_results.json").is_file() and (out / "lmtune_args.json").is_file()
 
 
@@ -199,7 +201,8 @@ def test_two_torchrun_nodes_over_loopback_train_the_same_adapter(reference, tiny
     assert_rank_zero_reported(outputs[0])
     assert "lmtune: training loss" not in outputs[1]
     assert FIND_UNUSED_WARNING not in outputs[0] + outputs[1]
-    assert list((tmp_path / "cache" / "lmtune-prepared").iterdir()) == []  # each node's copy, handed off and gone
+    # Both "nodes" share one cache directory here: datasets writes each file whole, then renames it into place.
+    assert len(list((tmp_path / "cache" / "lmtune-rendered").glob("rendered-*.arrow"))) == 1
 
 
 @pytest.mark.distributed

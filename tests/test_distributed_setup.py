@@ -10,15 +10,14 @@ import sys
 import types
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 
 from lmtune.args import ProcessFlags, parse_process_flags
 from lmtune.cli import main, main_clm
+from lmtune.data import pipeline
 from lmtune.data.prepare import RenderSettings, prepare_data
-from lmtune.data.shared_cache import MANIFEST, discard_prepared, load_prepared, prepared_cache_dir, save_prepared
-from lmtune.errors import DataFormatError, UnsupportedError
+from lmtune.errors import UnsupportedError
 from lmtune.train.distributed import fsdp_notice, setup_process
 from lmtune.train.zero import init_deepspeed_process_group
 
@@ -144,61 +143,74 @@ def test_lmtune_launch_is_a_command(capsys):
     assert "lmtune launch: error: cannot build the launch command: --world_size must be >= 1" in capsys.readouterr().err
 
 
-# --- the per-node prepared-data cache --------------------------------------------------------
+# --- the datasets cache that the ranks of a node share (lmtune.data.pipeline) ---------------
 
 
 @pytest.fixture
-def prepared(tokenizer, alpaca_file):
-    inputs = dict(train_file=str(alpaca_file), dataset_concatenation=True, need_validation=True,
-                  validation_split_percentage=20, settings=RenderSettings(max_seq_length=256), token="hub-secret")
-    return inputs, prepare_data(tokenizer, **inputs)
+def counted_tokenizing(monkeypatch):
+    """How many batches were tokenized in this process (a cache hit tokenizes none)."""
+    calls = []
+    real = pipeline.tokenize_segment_batch
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "tokenize_segment_batch", counted)
+    return calls
 
 
-def test_prepared_data_round_trips(tokenizer, prepared, tmp_path):
-    inputs, data = prepared
-    path = save_prepared(data, prepared_cache_dir(tmp_path, tokenizer, inputs))
-    loaded = load_prepared(path)
-    for split in ("train", "validation", "raw_validation"):
-        assert getattr(loaded, split).to_list() == getattr(data, split).to_list(), split
-    assert loaded.stats == data.stats and loaded.packing == data.packing and loaded.packing is not None
-    assert "hub-secret" not in (path / MANIFEST).read_text()
-    # A second run of the same inputs replaces the first copy whole.
-    assert save_prepared(data, path) == path and sorted(p.name for p in path.parent.iterdir()) == [path.name]
-    discard_prepared(path)  # the loaded copy lives in memory: its files can go
-    assert not path.exists() and loaded.train.to_list() == data.train.to_list()
+def _prepare(tokenizer, path, cache, **kwargs):
+    inputs = dict(train_file=str(path), need_validation=True, validation_split_percentage=20,
+                  settings=RenderSettings(max_seq_length=256), dataset_cache_directory=str(cache))
+    return prepare_data(tokenizer, **{**inputs, **kwargs})
 
 
-def test_cache_key_follows_inputs_tokenizer_and_node(tokenizer, prepared, tmp_path, monkeypatch, alpaca_file):
-    inputs, _ = prepared
-    key = prepared_cache_dir(tmp_path, tokenizer, inputs)
-    assert key.parent == tmp_path / "lmtune-prepared"
-    assert prepared_cache_dir(tmp_path, tokenizer, dict(inputs, token="another")) == key  # the token is not hashed
-    assert prepared_cache_dir(tmp_path, tokenizer, dict(inputs, seed=7)) != key
-    assert prepared_cache_dir(tmp_path, tokenizer, dict(inputs, settings=RenderSettings(max_seq_length=128))) != key
-    tokenizer_copy = type(tokenizer).from_pretrained(_saved(tokenizer, tmp_path / "tok"))
-    tokenizer_copy.add_tokens(["<new>"])
-    assert prepared_cache_dir(tmp_path, tokenizer_copy, inputs) != key
-    monkeypatch.setenv("GROUP_RANK", "1")  # torchrun's node rank: another "node" on this host
-    assert prepared_cache_dir(tmp_path, tokenizer, inputs) != key
-    monkeypatch.delenv("GROUP_RANK")
-    alpaca_file.write_text(alpaca_file.read_text() + "\n")  # the data file changed
-    assert prepared_cache_dir(tmp_path, tokenizer, inputs) != key
+def test_second_preparation_reads_the_cache(tokenizer, alpaca_file, tmp_path, counted_tokenizing):
+    cache = tmp_path / "cache"
+    first = _prepare(tokenizer, alpaca_file, cache)
+    tokenized = len(counted_tokenizing)
+    assert tokenized == 2 and len(list((cache / "lmtune-rendered").iterdir())) == 2  # train, validation
+    second = _prepare(tokenizer, alpaca_file, cache)  # what a node's other ranks do after its local main
+    assert len(counted_tokenizing) == tokenized
+    for split in ("train", "validation"):
+        assert getattr(second, split).to_list() == getattr(first, split).to_list(), split
+    assert second.stats == first.stats
+    _prepare(tokenizer, alpaca_file, cache, overwrite_cache=True)
+    assert len(counted_tokenizing) == 2 * tokenized
 
 
-def _saved(tokenizer, path: Path) -> Path:
-    tokenizer.save_pretrained(path)
-    return path
+def test_cache_key_follows_data_settings_and_tokenizer(tokenizer, alpaca_file, tmp_path, counted_tokenizing):
+    cache = tmp_path / "cache"
+    _prepare(tokenizer, alpaca_file, cache)
+    _prepare(tokenizer, alpaca_file, cache, settings=RenderSettings(max_seq_length=128))
+    _prepare(tokenizer, alpaca_file, cache, seed=7)  # another validation split
+    tokenizer.save_pretrained(tmp_path / "tok")
+    other = type(tokenizer).from_pretrained(tmp_path / "tok")
+    other.add_tokens(["<new>"])
+    _prepare(other, alpaca_file, cache)
+    alpaca_file.write_text(alpaca_file.read_text().replace("a", "b", 1), encoding="utf-8")  # the data changed
+    _prepare(tokenizer, alpaca_file, cache)
+    assert len(counted_tokenizing) == 5 * 2
 
 
-def test_default_root_is_the_datasets_cache(tokenizer, prepared, monkeypatch, tmp_path):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
-    assert prepared_cache_dir(None, tokenizer, prepared[0]).parent == tmp_path / "hf" / "lmtune-prepared"
+def test_keep_in_memory_writes_no_cache_files(tokenizer, alpaca_file, tmp_path):
+    cache = tmp_path / "cache"
+    kept = _prepare(tokenizer, alpaca_file, cache, keep_in_memory=True)
+    assert not (cache / "lmtune-rendered").exists() or not any((cache / "lmtune-rendered").iterdir())
+    assert kept.train.to_list() == _prepare(tokenizer, alpaca_file, tmp_path / "other").train.to_list()
 
 
-def test_missing_or_half_written_cache_says_why(tmp_path):
-    (tmp_path / "half").mkdir()
-    with pytest.raises(DataFormatError, match=r"no prepared data at .*half.*local rank 0 failed.*same command line"):
-        load_prepared(tmp_path / "half")
+def test_two_workers_render_what_one_does(tokenizer, alpaca_file, tmp_path):
+    one = _prepare(tokenizer, alpaca_file, tmp_path / "one", dataset_concatenation=True)
+    two = _prepare(tokenizer, alpaca_file, tmp_path / "two", dataset_concatenation=True, preprocessing_num_workers=2)
+    assert two.train.to_list() == one.train.to_list() and two.stats == one.stats and two.packing == one.packing
+
+
+def test_default_cache_is_the_datasets_cache(tokenizer, alpaca_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    prepare_data(tokenizer, train_file=str(alpaca_file))
+    assert len(list((tmp_path / "hf" / "lmtune-rendered").glob("rendered-*.arrow"))) == 1
 
 
 # --- docker/install_cpu_node.sh, the install steps of docker/Dockerfile ----------------------

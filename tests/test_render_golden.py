@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from render_cases import GOLDEN, cases, run_case, tokenizers
 
 from lmtune.demo import load_demo_records
-from render_cases import GOLDEN, cases, run_case, tokenizers
 
 CASES = cases(load_demo_records())
 

@@ -23,19 +23,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 
+import datasets
 from transformers import PreTrainedTokenizerBase
 
 from lmtune.data.chat_format import (
     ANSWER,
     ChatFormat,
-    PROMPT,
     EncodedPiece,
     Message,
     PieceEncoder,
     chat_pieces,
     resolve_chat_format,
 )
-from lmtune.data.render import IGNORE_INDEX, RenderStats
+from lmtune.data.pipeline import RowFormat, render_records
+from lmtune.data.render import RenderStats, Segment
 from lmtune.data.sources import (
     LOCATION_COLUMN,
     PROBLEM_COLUMN,
@@ -255,28 +256,23 @@ def _lengths(pieces: list[EncodedPiece]) -> tuple[int, int]:
 def fit_conversation(
     encoder: PieceEncoder, messages: list[Message], chat_format: ChatFormat, *, max_seq_length: int,
     max_source_length: int,
-) -> tuple[list[EncodedPiece] | None, int, bool]:
-    """Render a training conversation within the length limits.
+) -> tuple[list[EncodedPiece], int]:
+    """The conversation's pieces, without as many of its oldest user/assistant pairs as it takes to fit.
 
-    Oldest user/assistant pairs go first until the prompt of the last answer fits
-    ``max_source_length`` and everything fits ``max_seq_length``. If the last pair alone is
-    too long, its answer is cut (its end-of-turn tokens kept); if even its prompt does not
-    fit, the conversation is dropped (None).
+    Oldest pairs go first until the prompt of the last answer fits ``max_source_length`` and
+    everything fits ``max_seq_length``. If the last pair alone is still too long, its pieces
+    are returned as they are: ``tokenize_segments`` then cuts its answer (end-of-turn tokens
+    kept) or, when even its prompt does not fit, drops it.
 
     Returns:
-        The encoded pieces (or None), the number of pairs dropped, and whether the answer was cut.
+        The encoded pieces, and the number of pairs dropped.
     """
     for dropped, kept in _shorter_histories(messages, keep_last=2):
         pieces = chat_pieces(encoder, kept, chat_format)
         total, prompt = _lengths(pieces)
         if total <= max_seq_length and prompt <= max_source_length:
-            return pieces, dropped, False
-    last_answer = max(i for i, (_, kind) in enumerate(pieces) if kind == ANSWER)
-    room = len(pieces[last_answer][0]) - (total - max_seq_length)
-    if prompt > max_source_length or room < 1:
-        return None, dropped, False
-    pieces[last_answer] = (pieces[last_answer][0][:room], ANSWER)
-    return pieces, dropped, True
+            break
+    return pieces, dropped
 
 
 def render_prompt(
@@ -310,12 +306,61 @@ def render_prompt(
     )
 
 
-def _sample(pieces: list[EncodedPiece], train_on_inputs: bool) -> tuple[list[int], list[int]]:
-    """A fitted conversation's token ids and labels: answers and their end-of-turn tokens supervised."""
-    ids = [token for piece, _ in pieces for token in piece]
-    labels = [token if train_on_inputs or kind != PROMPT else IGNORE_INDEX for piece, kind in pieces for token in piece]
-    labels[0] = IGNORE_INDEX  # the first token is never predicted
-    return ids, labels
+class ChatSegments:
+    """Record -> the segments of one training conversation (a class: it pickles to map workers)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat, schema: str, source: str,
+                 max_seq_length: int, max_source_length: int):
+        self.tokenizer, self.chat_format, self.schema, self.source = tokenizer, chat_format, schema, source
+        self.limits = {"max_seq_length": max_seq_length, "max_source_length": max_source_length}
+        self._encoder: PieceEncoder | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_encoder": None}
+
+    def __call__(self, record: dict, index: int) -> tuple[list[Segment], int]:
+        if self._encoder is None:
+            self._encoder = PieceEncoder(self.tokenizer)
+        self._encoder.clear()  # the cache only pays off within one conversation
+        messages = conversation_from_record(record, self.schema, f"{self.source}: {record_location(record, index)}")
+        pieces, dropped = fit_conversation(self._encoder, messages, self.chat_format, **self.limits)
+        return list(pieces), dropped
+
+
+def chat_rows(
+    dataset: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, *, chat_template: str | None = None,
+    max_seq_length: int = 512, max_source_length: int = 384, train_on_inputs: bool = False,
+    skip_invalid: bool = False,
+) -> RowFormat:
+    """Check every conversation, then say how each becomes one sample (``render_chat_records``).
+
+    Raises:
+        DataFormatError: for bad records.
+        ConfigError: for an unusable ``chat_template``.
+    """
+    chat_format = resolve_chat_format(chat_template, tokenizer)
+    schema = detect_chat_schema(dataset.column_names, source)
+    kept = [index for index, _, _ in read_located_conversations(dataset, dataset.column_names, source,
+                                                                skip_invalid=skip_invalid)]
+    limits = f"--max_source_length {max_source_length} / --max_seq_length {max_seq_length}"
+
+    def finish(stats: RenderStats, pairs_dropped: list[int]) -> None:
+        if any(pairs_dropped):
+            logger.info("%s: dropped %d oldest user/assistant pair(s) to fit %s.", source, sum(pairs_dropped), limits)
+        if stats.dropped_long_prompt:
+            first = stats.dropped_indices[0]
+            logger.warning("%s: %d conversation(s) dropped: the last user turn does not fit %s (first: %s).",
+                           source, stats.dropped_long_prompt, limits, record_location(dataset[first], first))
+        if not stats.kept:
+            raise DataFormatError(f"{source}: no conversation fits {limits}; raise them.")
+
+    return RowFormat(
+        kept, ChatSegments(tokenizer, chat_format, schema, source, max_seq_length, max_source_length),
+        key={"task": "chat", "schema": schema, "format": chat_format.name, "template": chat_format.template,
+             "max_source_length": max_source_length},
+        max_length=max_seq_length, max_prompt_length=max_source_length, train_on_inputs=train_on_inputs,
+        shortened_truncates=True, finish=finish,
+    )
 
 
 def render_chat_records(
@@ -330,7 +375,7 @@ def render_chat_records(
     train_on_inputs: bool = False,
     skip_invalid: bool = False,
 ) -> tuple[dict[str, list[list[int]]], RenderStats]:
-    """One training sample per conversation, every assistant turn supervised.
+    """One training sample per conversation, every assistant turn (with its end-of-turn tokens) supervised.
 
     Args:
         records: Raw records in a chat schema (``detect_chat_schema``).
@@ -350,35 +395,8 @@ def render_chat_records(
         DataFormatError: for bad records, or when no conversation fits.
         ConfigError: for an unusable ``chat_template``.
     """
-    chat_format = resolve_chat_format(chat_template, tokenizer)
-    conversations = read_located_conversations(records, columns, source, skip_invalid=skip_invalid)
-    encoder = PieceEncoder(tokenizer)
-    stats, pairs_dropped, first_dropped = RenderStats(), 0, ""
-    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-    for index, location, messages in conversations:
-        encoder.clear()  # the cache only pays off within one conversation
-        pieces, dropped, cut = fit_conversation(
-            encoder, messages, chat_format, max_seq_length=max_seq_length, max_source_length=max_source_length
-        )
-        if pieces is None:
-            stats.dropped_long_prompt += 1
-            stats.dropped_indices.append(index)
-            first_dropped = first_dropped or location
-            continue
-        pairs_dropped += dropped
-        stats.truncated += int(cut or dropped > 0)
-        ids, labels = _sample(pieces, train_on_inputs)
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        stats.kept += 1
-        stats.tokens += len(ids)
-        stats.supervised_tokens += sum(label != IGNORE_INDEX for label in labels)
-    limits = f"--max_source_length {max_source_length} / --max_seq_length {max_seq_length}"
-    if pairs_dropped:
-        logger.info("%s: dropped %d oldest user/assistant pair(s) to fit %s.", source, pairs_dropped, limits)
-    if stats.dropped_long_prompt:
-        logger.warning("%s: %d conversation(s) dropped: the last user turn does not fit %s (first: %s).",
-                       source, stats.dropped_long_prompt, limits, first_dropped)
-    if not stats.kept:
-        raise DataFormatError(f"{source}: no conversation fits {limits}; raise them.")
-    return out, stats
+    detect_chat_schema(columns, source)
+    return render_records(records, lambda dataset: chat_rows(
+        dataset, source, tokenizer, chat_template=chat_template, max_seq_length=max_seq_length,
+        max_source_length=max_source_length, train_on_inputs=train_on_inputs, skip_invalid=skip_invalid,
+    ), tokenizer)

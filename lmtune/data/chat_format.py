@@ -21,11 +21,11 @@ from pathlib import Path
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
+from lmtune.data.render import ANSWER, END, PROMPT
 from lmtune.errors import ConfigError, DataFormatError
 
 Message = dict[str, str]
-EncodedPiece = tuple[list[int], str]
-PROMPT, ANSWER, END = "prompt", "answer", "end"
+EncodedPiece = tuple[list[int], str]  # a segment of token ids (lmtune.data.render.Segment)
 
 NEURAL_CHAT = "neural-chat"
 # The reference's default system prompt, without the 4-space indentation its triple-quoted

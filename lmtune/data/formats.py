@@ -9,9 +9,11 @@ model loads.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
+from lmtune.data.render import ANSWER, END, PROMPT, Segment
 from lmtune.data.sources import (
     LOCATION_COLUMN,
     PROBLEM_COLUMN,
@@ -156,15 +158,15 @@ def check_record(record: dict, fmt: RecordFormat, index: int, source: str) -> st
 _TARGETS = {"output", "response", "completion", "chosen", "text", "highlights"}
 
 
-def to_examples(
+def check_records(
     records: Iterable[dict],
     columns: Iterable[str],
     source: str,
     *,
     skip_invalid: bool = False,
     formats: tuple[RecordFormat, ...] = INSTRUCTION_FORMATS,
-) -> list[dict[str, str]]:
-    """Check every record and turn it into ``{"prompt", "response"}``.
+) -> tuple[RecordFormat, list[int]]:
+    """Recognize the format and check every record, before anything is tokenized.
 
     Args:
         records: Raw records (dicts).
@@ -174,26 +176,55 @@ def to_examples(
         formats: The schemas to recognize.
 
     Returns:
-        One example per usable record, in order.
+        The format, and the index of every usable record, in order.
 
     Raises:
         DataFormatError: on the first bad record, or when skipping would drop more than
             ``MAX_INVALID_SHARE`` of the records, or when nothing is left.
     """
     fmt = detect_format(columns, source, formats)
-    examples, problems = [], []
+    kept, problems = [], []
     total = 0
     for index, record in enumerate(records):
         total += 1
         problem = check_record(record, fmt, index, source)
         if problem is None:
-            examples.append(fmt.to_example(record))
+            kept.append(index)
         elif not skip_invalid:
             raise DataFormatError(f"{problem}. Fix: correct the record, {SKIP_HINT}.")
         else:
             problems.append(problem)
     report_skipped(source, problems, total)
-    if not examples:
+    if not kept:
         raise DataFormatError(f"{source}: no usable records.")
-    logger.info("%s: %d records in %s format.", source, len(examples), fmt.name)
-    return examples
+    logger.info("%s: %d records in %s format.", source, len(kept), fmt.name)
+    return fmt, kept
+
+
+def to_examples(
+    records: Iterable[dict],
+    columns: Iterable[str],
+    source: str,
+    *,
+    skip_invalid: bool = False,
+    formats: tuple[RecordFormat, ...] = INSTRUCTION_FORMATS,
+) -> list[dict[str, str]]:
+    """Check every record (``check_records``) and turn each usable one into ``{"prompt", "response"}``.
+
+    Raises:
+        DataFormatError: as ``check_records``.
+    """
+    records = records if isinstance(records, Sequence) else list(records)
+    fmt, kept = check_records(records, columns, source, skip_invalid=skip_invalid, formats=formats)
+    return [fmt.to_example(records[index]) for index in kept]
+
+
+def instruction_segments(fmt: RecordFormat, eos: int) -> Callable[[dict, int], tuple[list[Segment], int]]:
+    """Record -> ``prompt`` text, ``response`` text, EOS: the segments of completion and code data."""
+    return partial(_instruction_segments, fmt.to_example, eos)
+
+
+def _instruction_segments(to_example: Callable[[dict], dict[str, str]], eos: int, record: dict, index: int
+                          ) -> tuple[list[Segment], int]:
+    example = to_example(record)
+    return [(example["prompt"], PROMPT), (example["response"], ANSWER), ([eos], END)], 0

@@ -18,14 +18,15 @@ from itertools import islice
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from lmtune.data.chat import render_chat_records
-from lmtune.data.formats import to_examples
+from lmtune.data.chat import chat_rows
+from lmtune.data.formats import check_records, instruction_segments
 from lmtune.data.packing import PackingStats, pack_examples
-from lmtune.data.render import RenderStats, render_examples
-from lmtune.data.seq2seq import SEQ2SEQ_TASKS, check_seq2seq_packing, render_seq2seq_records
+from lmtune.data.pipeline import MapSettings, RowFormat, render_dataset
+from lmtune.data.render import RenderStats, require_eos
+from lmtune.data.seq2seq import SEQ2SEQ_TASKS, check_seq2seq_packing, seq2seq_rows
 from lmtune.data.sources import load_splits
-from lmtune.data.summarization import render_summarization_records
-from lmtune.errors import ConfigError
+from lmtune.data.summarization import summarization_rows
+from lmtune.errors import ConfigError, DataFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -42,38 +43,50 @@ class RenderSettings:
     chat_template: str | None = None
 
 
-# A renderer turns one split's raw records into {"input_ids": [...], "labels": [...]} plus stats.
-Renderer = Callable[[datasets.Dataset, str, PreTrainedTokenizerBase, RenderSettings],
-                    tuple[dict[str, list[list[int]]], RenderStats]]
+# A renderer checks one split's raw records and says how each becomes segments (the task's RowFormat).
+Renderer = Callable[[datasets.Dataset, str, PreTrainedTokenizerBase, RenderSettings], RowFormat]
 
 
 def render_instructions(
     dataset: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings
-) -> tuple[dict[str, list[list[int]]], RenderStats]:
-    """Completion and code-generation: instruction records -> prompt/response samples."""
-    examples = to_examples(dataset, dataset.column_names, source, skip_invalid=settings.skip_invalid_records)
-    return render_examples(
-        tokenizer, examples, max_seq_length=settings.max_seq_length, train_on_inputs=settings.train_on_inputs
-    )
+) -> RowFormat:
+    """Completion and code-generation: instruction records -> prompt, response, EOS."""
+    fmt, kept = check_records(dataset, dataset.column_names, source, skip_invalid=settings.skip_invalid_records)
+    max_seq_length = settings.max_seq_length
+
+    def finish(stats: RenderStats, _: list[int]) -> None:
+        if stats.dropped_long_prompt:
+            logger.warning(
+                "%d sample(s) dropped: the prompt alone fills --max_seq_length %d (first: record %d). "
+                "Raise --max_seq_length or shorten those prompts.",
+                stats.dropped_long_prompt, max_seq_length, stats.dropped_indices[0],
+            )
+        if not stats.kept:
+            raise DataFormatError(
+                f"every sample's prompt is longer than --max_seq_length {max_seq_length}; nothing left to train on."
+            )
+
+    return RowFormat(kept, instruction_segments(fmt, require_eos(tokenizer)), key={"format": fmt.name},
+                     max_length=max_seq_length, train_on_inputs=settings.train_on_inputs, finish=finish)
 
 
 def render_chat(
     dataset: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings
-) -> tuple[dict[str, list[list[int]]], RenderStats]:
+) -> RowFormat:
     """Chat: conversations (messages, ShareGPT/SlimOrca conversations, orca_dpo_pairs) -> one sample each."""
-    return render_chat_records(
-        dataset, dataset.column_names, tokenizer, source=source, chat_template=settings.chat_template,
-        max_seq_length=settings.max_seq_length, max_source_length=settings.max_source_length,
-        train_on_inputs=settings.train_on_inputs, skip_invalid=settings.skip_invalid_records,
+    return chat_rows(
+        dataset, source, tokenizer, chat_template=settings.chat_template, max_seq_length=settings.max_seq_length,
+        max_source_length=settings.max_source_length, train_on_inputs=settings.train_on_inputs,
+        skip_invalid=settings.skip_invalid_records,
     )
 
 
 def render_summaries(
     dataset: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings
-) -> tuple[dict[str, list[list[int]]], RenderStats]:
+) -> RowFormat:
     """Summarization: article/highlights records -> article + instruction prompt, highlights target."""
-    return render_summarization_records(
-        dataset, dataset.column_names, tokenizer, source=source, max_seq_length=settings.max_seq_length,
+    return summarization_rows(
+        dataset, source, tokenizer, max_seq_length=settings.max_seq_length,
         max_source_length=settings.max_source_length, train_on_inputs=settings.train_on_inputs,
         skip_invalid=settings.skip_invalid_records,
     )
@@ -89,12 +102,12 @@ TASK_RENDERERS: dict[str, Renderer] = {
 
 def render_seq2seq(
     dataset: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, settings: RenderSettings, *, task: str
-) -> tuple[dict[str, list[list[int]]], RenderStats]:
+) -> RowFormat:
     """Any task on an encoder-decoder model: source -> encoder ``input_ids``, target -> ``labels``."""
-    return render_seq2seq_records(
-        dataset, dataset.column_names, tokenizer, task=task, source=source,
-        max_source_length=settings.max_source_length, max_target_length=settings.max_target_length,
-        chat_template=settings.chat_template, skip_invalid=settings.skip_invalid_records,
+    return seq2seq_rows(
+        dataset, source, tokenizer, task=task, max_source_length=settings.max_source_length,
+        max_target_length=settings.max_target_length, chat_template=settings.chat_template,
+        skip_invalid=settings.skip_invalid_records,
     )
 
 
@@ -151,12 +164,18 @@ def prepare_data(
     cache_dir: str | None = None,
     token: str | None = None,
     streaming: bool = False,
+    preprocessing_num_workers: int | None = None,
+    overwrite_cache: bool = False,
+    keep_in_memory: bool = False,
+    dataset_cache_directory: str | None = None,
 ) -> PreparedData:
     """Load, check, tokenize and (optionally) pack the train and validation data.
 
     ``max_train_samples``/``max_eval_samples`` keep the first N records (before packing).
     ``seq2seq`` renders for an encoder-decoder model (``lmtune.data.seq2seq``).
     ``streaming`` reads a ``--dataset_name`` split as a stream, only as far as the limits say.
+    ``preprocessing_num_workers``, ``overwrite_cache``, ``keep_in_memory`` and
+    ``dataset_cache_directory`` say how rendering runs and is cached (``lmtune.data.pipeline``).
 
     Raises:
         ConfigError: for an unsupported task, packing asked for a seq2seq model, or when
@@ -182,19 +201,25 @@ def prepare_data(
         )
     prepared = PreparedData()
     source = dataset_name or train_file or ""
+    mapping = MapSettings(num_proc=preprocessing_num_workers, cache_dir=dataset_cache_directory,
+                          overwrite_cache=overwrite_cache, keep_in_memory=keep_in_memory, cacheable=not streaming)
     if need_train and "train" in splits:
-        samples, prepared.stats["train"] = renderer(
-            _head(splits["train"], max_train_samples), source, tokenizer, settings
+        raw = _head(splits["train"], max_train_samples)
+        prepared.train, prepared.stats["train"] = render_dataset(
+            raw, renderer(raw, source, tokenizer, settings), tokenizer, mapping, description="tokenizing train"
         )
         _report("train", source, prepared.stats["train"])
         if dataset_concatenation:
-            samples, prepared.packing = pack_examples(samples, settings.max_seq_length)
+            # Best-fit packing looks at every sample length at once, so it runs here on lists, not in a map.
+            samples, prepared.packing = pack_examples(prepared.train.to_dict(), settings.max_seq_length)
             logger.info("train: %s.", prepared.packing.describe())
-        prepared.train = datasets.Dataset.from_dict(samples)
+            prepared.train = datasets.Dataset.from_dict(samples)
     if need_validation:
         raw = _head(splits["validation"], max_eval_samples)
-        samples, prepared.stats["validation"] = renderer(raw, validation_file or source, tokenizer, settings)
+        prepared.validation, prepared.stats["validation"] = render_dataset(
+            raw, renderer(raw, validation_file or source, tokenizer, settings), tokenizer, mapping,
+            description="tokenizing validation",
+        )
         _report("validation", validation_file or source, prepared.stats["validation"])
-        prepared.validation = datasets.Dataset.from_dict(samples)
         prepared.raw_validation = raw
     return prepared

@@ -31,13 +31,25 @@ import dataclasses
 import logging
 from collections.abc import Iterable
 
+import datasets
 from transformers import PreTrainedTokenizerBase
 
-from lmtune.data.chat import read_conversations, render_prompt
+from lmtune.data.chat import (
+    conversation_from_record,
+    detect_chat_schema,
+    read_conversations,
+    render_prompt,
+)
 from lmtune.data.chat_format import PieceEncoder, resolve_chat_format
-from lmtune.data.formats import INSTRUCTION_FORMATS, RecordFormat, to_examples
-from lmtune.data.render import RenderStats
-from lmtune.data.summarization import SUMMARIZATION_FORMAT, summarization_prompts
+from lmtune.data.formats import INSTRUCTION_FORMATS, RecordFormat, check_records
+from lmtune.data.pipeline import RowFormat, render_records
+from lmtune.data.render import ANSWER, END, PROMPT, RenderStats, Segment, require_eos
+from lmtune.data.sources import record_location
+from lmtune.data.summarization import (
+    SUMMARIZATION_FORMAT,
+    article_budget,
+    summary_prompt_text,
+)
 from lmtune.errors import ConfigError, DataFormatError
 
 logger = logging.getLogger(__name__)
@@ -99,87 +111,110 @@ def summary_source_budget(tokenizer: PreTrainedTokenizerBase, max_source_length:
     return max_source_length - _special_tokens_after(tokenizer)
 
 
-class _Builder:
-    """Collects (source ids, target text) pairs into samples and counts what it drops or cuts."""
+class _Targets:
+    """The labels side of every seq2seq sample: target text without special tokens, then EOS."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_source_length: int, max_target_length: int):
-        if tokenizer.eos_token_id is None:
-            raise DataFormatError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json.")
-        if max_target_length < 2:
-            raise ConfigError(f"--max_target_length must be >= 2 for seq2seq (got {max_target_length}): "
-                              "at least one target token and EOS.")
-        self.tokenizer, self.eos = tokenizer, tokenizer.eos_token_id
-        self.max_source_length, self.max_target_length = max_source_length, max_target_length
-        self.stats = RenderStats()
-        self.out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer, self.eos = tokenizer, require_eos(tokenizer)
 
-    def drop(self, index: int) -> None:
-        self.stats.dropped_long_prompt += 1
-        self.stats.dropped_indices.append(index)
+    def segments(self, source: str | list[int], target: str) -> list[Segment]:
+        ids = self.tokenizer.encode(target, add_special_tokens=False)
+        if ids and ids[-1] == self.eos:
+            ids = ids[:-1]
+        return [(source, PROMPT), (ids, ANSWER), ([self.eos], END)]
 
-    def add(self, index: int, source_ids: list[int], target: str) -> None:
-        if len(source_ids) > self.max_source_length:
-            self.drop(index)
-            return
-        target_ids = self.tokenizer.encode(target, add_special_tokens=False)
-        if target_ids and target_ids[-1] == self.eos:
-            target_ids = target_ids[:-1]
-        room = self.max_target_length - 1
-        if len(target_ids) > room:
-            self.stats.note_truncation(len(target_ids) - room)
-            target_ids = target_ids[:room]
-        labels = target_ids + [self.eos]
-        self.out["input_ids"].append(list(source_ids))
-        self.out["labels"].append(labels)
-        self.stats.kept += 1
-        self.stats.tokens += len(source_ids) + len(labels)
-        self.stats.supervised_tokens += len(labels)
 
-    def finish(self, source: str) -> tuple[dict[str, list[list[int]]], RenderStats]:
-        if self.stats.dropped_long_prompt:
+class _InstructionSegments(_Targets):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, to_example):
+        super().__init__(tokenizer)
+        self.to_example = to_example
+
+    def __call__(self, record: dict, index: int) -> tuple[list[Segment], int]:
+        example = self.to_example(record)
+        return self.segments(example["prompt"], example["response"]), 0
+
+
+class _SummarySegments(_Targets):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_source_length: int):
+        super().__init__(tokenizer)
+        self.max_source_length = max_source_length
+        # The article's share of the prompt budget left by the special tokens (a limit without room fails here).
+        _, self.article_tokens = article_budget(PieceEncoder(tokenizer), summary_source_budget(tokenizer, max_source_length))
+
+    def __call__(self, record: dict, index: int) -> tuple[list[Segment], int]:
+        prompt = summary_prompt_text(self.tokenizer, record["article"], self.article_tokens)
+        # Cutting the article text can re-tokenize one token longer; truncation then trims the tail.
+        ids = self.tokenizer(prompt, truncation=True, max_length=self.max_source_length).input_ids
+        return self.segments(ids, record["highlights"]), 0
+
+
+class _ConversationSegments(_Targets):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_format, schema: str, source: str,
+                 max_source_length: int):
+        super().__init__(tokenizer)
+        self.chat_format, self.schema, self.source, self.max_source_length = chat_format, schema, source, max_source_length
+
+    def __call__(self, record: dict, index: int) -> tuple[list[Segment] | None, int]:
+        messages = conversation_from_record(record, self.schema, f"{self.source}: {record_location(record, index)}")
+        try:
+            ids = render_prompt(self.tokenizer, messages[:-1], self.chat_format,
+                                max_prompt_tokens=self.max_source_length)
+        except DataFormatError:  # the last user turn alone is too long: counted like any long source
+            return None, 0
+        return self.segments(ids, messages[-1]["content"]), 0
+
+
+def _row_format(dataset, task: str, source: str, tokenizer: PreTrainedTokenizerBase, max_source_length: int,
+                chat_template: str | None, skip_invalid: bool):
+    """The kept records and their segment function, per task."""
+    if task == "chat":
+        chat_format = resolve_chat_format(chat_template, tokenizer)
+        schema = detect_chat_schema(dataset.column_names, source)
+        kept = [index for index, _ in read_conversations(dataset, dataset.column_names, source,
+                                                          skip_invalid=skip_invalid)]
+        segments = _ConversationSegments(tokenizer, chat_format, schema, source, max_source_length)
+        return kept, segments, {"schema": schema, "format": chat_format.name, "template": chat_format.template}
+    formats = (SUMMARIZATION_FORMAT,) if task == "summarization" else SEQ2SEQ_FORMATS
+    fmt, kept = check_records(dataset, dataset.column_names, source, skip_invalid=skip_invalid, formats=formats)
+    if task == "summarization":
+        return kept, _SummarySegments(tokenizer, max_source_length), {}
+    return kept, _InstructionSegments(tokenizer, fmt.to_example), {"format": fmt.name}
+
+
+def seq2seq_rows(
+    dataset: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, *, task: str,
+    max_source_length: int = 384, max_target_length: int = 128, chat_template: str | None = None,
+    skip_invalid: bool = False,
+) -> RowFormat:
+    """Check every record, then say how each becomes an encoder input and labels (``render_seq2seq_records``).
+
+    Raises:
+        ConfigError: for an unknown task, ``max_target_length`` < 2 or an unusable chat template.
+        DataFormatError: for bad records or a tokenizer without EOS.
+    """
+    if task not in SEQ2SEQ_TASKS:
+        raise ConfigError(f"--task {task} is not supported for seq2seq models; choose one of "
+                          f"{', '.join(SEQ2SEQ_TASKS)}.")
+    require_eos(tokenizer)
+    if max_target_length < 2:
+        raise ConfigError(f"--max_target_length must be >= 2 for seq2seq (got {max_target_length}): "
+                          "at least one target token and EOS.")
+    kept, segments, key = _row_format(dataset, task, source, tokenizer, max_source_length, chat_template,
+                                      skip_invalid)
+
+    def finish(stats: RenderStats, _: list[int]) -> None:
+        if stats.dropped_long_prompt:
             logger.warning(
                 "%s: %d sample(s) dropped: the source is longer than --max_source_length %d (first: record %d). "
-                "Raise --max_source_length or shorten those inputs.", source, self.stats.dropped_long_prompt,
-                self.max_source_length, self.stats.dropped_indices[0],
+                "Raise --max_source_length or shorten those inputs.", source, stats.dropped_long_prompt,
+                max_source_length, stats.dropped_indices[0],
             )
-        if not self.stats.kept:
+        if not stats.kept:
             raise DataFormatError(f"{source}: every source is longer than --max_source_length "
-                                  f"{self.max_source_length}; nothing left to train on. Raise it.")
-        return self.out, self.stats
+                                  f"{max_source_length}; nothing left to train on. Raise it.")
 
-
-def _instructions(builder: _Builder, records: Iterable[dict], columns: Iterable[str], source: str,
-                  skip_invalid: bool) -> None:
-    examples = to_examples(records, columns, source, skip_invalid=skip_invalid, formats=SEQ2SEQ_FORMATS)
-    encoded = builder.tokenizer([ex["prompt"] for ex in examples]).input_ids
-    for index, (example, ids) in enumerate(zip(examples, encoded)):
-        builder.add(index, ids, example["response"])
-
-
-def _summaries(builder: _Builder, records: Iterable[dict], columns: Iterable[str], source: str,
-               skip_invalid: bool) -> None:
-    examples = to_examples(records, columns, source, skip_invalid=skip_invalid, formats=(SUMMARIZATION_FORMAT,))
-    budget = summary_source_budget(builder.tokenizer, builder.max_source_length)
-    prompts = summarization_prompts(examples, builder.tokenizer, budget, source=source)
-    # Cutting the article text can re-tokenize one token longer; truncation then trims the tail.
-    encoded = builder.tokenizer(prompts, truncation=True, max_length=builder.max_source_length).input_ids
-    for index, (example, ids) in enumerate(zip(examples, encoded)):
-        builder.add(index, ids, example["highlights"])
-
-
-def _conversations(builder: _Builder, records: Iterable[dict], columns: Iterable[str], source: str,
-                   skip_invalid: bool, chat_template: str | None) -> None:
-    chat_format = resolve_chat_format(chat_template, builder.tokenizer)
-    encoder = PieceEncoder(builder.tokenizer)
-    for index, messages in read_conversations(records, columns, source, skip_invalid=skip_invalid):
-        encoder.clear()
-        try:
-            ids = render_prompt(builder.tokenizer, messages[:-1], chat_format,
-                                max_prompt_tokens=builder.max_source_length, encoder=encoder)
-        except DataFormatError:  # the last user turn alone is too long: counted like any long source
-            builder.drop(index)
-            continue
-        builder.add(index, ids, messages[-1]["content"])
+    return RowFormat(kept, segments, key={"task": f"seq2seq-{task}", **key}, max_length=max_target_length,
+                     max_prompt_length=max_source_length, seq2seq=True, finish=finish)
 
 
 def render_seq2seq_records(
@@ -214,17 +249,10 @@ def render_seq2seq_records(
         ConfigError: for an unknown task, ``max_target_length`` < 2 or an unusable chat template.
         DataFormatError: for bad records, a tokenizer without EOS, or when no source fits.
     """
-    if task not in SEQ2SEQ_TASKS:
-        raise ConfigError(f"--task {task} is not supported for seq2seq models; choose one of "
-                          f"{', '.join(SEQ2SEQ_TASKS)}.")
-    builder = _Builder(tokenizer, max_source_length, max_target_length)
-    if task == "chat":
-        _conversations(builder, records, columns, source, skip_invalid, chat_template)
-    elif task == "summarization":
-        _summaries(builder, records, columns, source, skip_invalid)
-    else:
-        _instructions(builder, records, columns, source, skip_invalid)
-    return builder.finish(source)
+    return render_records(records, lambda dataset: seq2seq_rows(
+        dataset, source, tokenizer, task=task, max_source_length=max_source_length,
+        max_target_length=max_target_length, chat_template=chat_template, skip_invalid=skip_invalid,
+    ), tokenizer)
 
 
 def check_seq2seq_packing(dataset_concatenation: bool) -> None:

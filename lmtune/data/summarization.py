@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import datasets
 from transformers import PreTrainedTokenizerBase
 
 from lmtune.data.chat_format import PieceEncoder
-from lmtune.data.formats import RecordFormat, to_examples
-from lmtune.data.render import IGNORE_INDEX, RenderStats
+from lmtune.data.formats import RecordFormat, check_records, detect_format, to_examples
+from lmtune.data.pipeline import RowFormat, render_records
+from lmtune.data.render import ANSWER, END, PROMPT, RenderStats, Segment, require_eos
 from lmtune.errors import ConfigError, DataFormatError
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ SUMMARIZATION_FORMAT = RecordFormat(
 )
 
 
-def _article_budget(encoder: PieceEncoder, max_source_length: int) -> tuple[list[int], int]:
+def article_budget(encoder: PieceEncoder, max_source_length: int) -> tuple[list[int], int]:
     """The instruction's ids and how many article tokens fit beside it (and BOS) in the prompt.
 
     Raises:
@@ -47,7 +49,7 @@ def _article_budget(encoder: PieceEncoder, max_source_length: int) -> tuple[list
 
 def summary_prompt_ids(encoder: PieceEncoder, article: str, max_source_length: int) -> tuple[list[int], bool]:
     """Prompt token ids for one article, and whether the article was cut to fit."""
-    instruction, budget = _article_budget(encoder, max_source_length)
+    instruction, budget = article_budget(encoder, max_source_length)
     article_ids = encoder.encode(article, first=True)
     return encoder.bos + article_ids[:budget] + instruction, len(article_ids) > budget
 
@@ -59,6 +61,56 @@ def _records(records: Iterable[dict], columns: Iterable[str] | None, source: str
         records = list(records)
         columns = records[0].keys() if records else ()
     return to_examples(records, columns, source, skip_invalid=skip_invalid, formats=(SUMMARIZATION_FORMAT,))
+
+
+class SummarySegments:
+    """Record -> cut article + instruction (prompt), highlights, EOS; a class: it pickles to map workers."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_source_length: int):
+        self.tokenizer, self.max_source_length = tokenizer, max_source_length
+        self._encoder: PieceEncoder | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_encoder": None}
+
+    def __call__(self, record: dict, index: int) -> tuple[list[Segment], int]:
+        if self._encoder is None:
+            self._encoder = PieceEncoder(self.tokenizer)
+        encoder = self._encoder
+        encoder.clear()
+        prompt, cut = summary_prompt_ids(encoder, record["article"], self.max_source_length)
+        return [(prompt, PROMPT), (encoder.encode(record["highlights"], first=False), ANSWER),
+                ([encoder.eos], END)], int(cut)
+
+
+def summarization_rows(
+    dataset: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int = 512,
+    max_source_length: int = 384, train_on_inputs: bool = False, skip_invalid: bool = False,
+) -> RowFormat:
+    """Check every record, then say how each becomes a sample (``render_summarization_records``).
+
+    Raises:
+        DataFormatError: for bad records or a tokenizer without EOS.
+        ConfigError: when ``max_source_length`` cannot hold the instruction.
+    """
+    _, kept = check_records(dataset, dataset.column_names, source, skip_invalid=skip_invalid,
+                            formats=(SUMMARIZATION_FORMAT,))
+    require_eos(tokenizer)
+    article_budget(PieceEncoder(tokenizer), max_source_length)  # a bad limit fails here, not in a worker
+
+    def finish(stats: RenderStats, articles_cut: list[int]) -> None:
+        if any(articles_cut):
+            logger.info("%s: %d of %d articles cut to fit --max_source_length %d.",
+                        source, sum(articles_cut), len(kept), max_source_length)
+        if not stats.kept:
+            raise DataFormatError(
+                f"{source}: every prompt fills --max_seq_length {max_seq_length}; make --max_source_length "
+                "smaller than --max_seq_length."
+            )
+
+    return RowFormat(kept, SummarySegments(tokenizer, max_source_length),
+                     key={"task": "summarization", "max_source_length": max_source_length},
+                     max_length=max_seq_length, train_on_inputs=train_on_inputs, finish=finish)
 
 
 def render_summarization_records(
@@ -91,39 +143,11 @@ def render_summarization_records(
         DataFormatError: for bad records, a tokenizer without EOS, or when nothing fits.
         ConfigError: when ``max_source_length`` cannot hold the instruction.
     """
-    examples = _records(records, columns, source, skip_invalid)
-    encoder = PieceEncoder(tokenizer)
-    if encoder.eos is None:
-        raise DataFormatError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json.")
-    stats, articles_cut = RenderStats(), 0
-    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-    for index, example in enumerate(examples):
-        encoder.clear()
-        prompt, cut = summary_prompt_ids(encoder, example["article"], max_source_length)
-        articles_cut += cut
-        room = max_seq_length - len(prompt) - 1
-        if room < 1:
-            stats.dropped_long_prompt += 1
-            stats.dropped_indices.append(index)
-            continue
-        target = encoder.encode(example["highlights"], first=False)
-        stats.truncated += len(target) > room
-        target = target[:room] + [encoder.eos]
-        masked = 1 if train_on_inputs else len(prompt)
-        out["input_ids"].append(prompt + target)
-        out["labels"].append([IGNORE_INDEX] * masked + (prompt + target)[masked:])
-        stats.kept += 1
-        stats.tokens += len(prompt) + len(target)
-        stats.supervised_tokens += len(prompt) + len(target) - masked
-    if articles_cut:
-        logger.info("%s: %d of %d articles cut to fit --max_source_length %d.",
-                    source, articles_cut, len(examples), max_source_length)
-    if not stats.kept:
-        raise DataFormatError(
-            f"{source}: every prompt fills --max_seq_length {max_seq_length}; make --max_source_length "
-            "smaller than --max_seq_length."
-        )
-    return out, stats
+    detect_format(columns, source, (SUMMARIZATION_FORMAT,))
+    return render_records(records, lambda dataset: summarization_rows(
+        dataset, source, tokenizer, max_seq_length=max_seq_length, max_source_length=max_source_length,
+        train_on_inputs=train_on_inputs, skip_invalid=skip_invalid,
+    ), tokenizer)
 
 
 def summarization_prompts(
@@ -138,21 +162,22 @@ def summarization_prompts(
     Raises:
         DataFormatError: for bad records.
     """
-    encoder = PieceEncoder(tokenizer)
-    _, budget = _article_budget(encoder, max_source_length)
-    prompts = []
-    for example in _records(records, None, source, False):
-        article = example["article"]
-        if tokenizer.is_fast:
-            encoded = tokenizer(article, add_special_tokens=False, return_offsets_mapping=True)
-            if len(encoded["input_ids"]) > budget:
-                article = article[: encoded["offset_mapping"][budget - 1][1]]
-        else:  # slow tokenizers have no offsets: decode the kept tokens
-            ids = tokenizer.encode(article, add_special_tokens=False)
-            if len(ids) > budget:
-                article = tokenizer.decode(ids[:budget])
-        prompts.append(article + SUMMARIZE_INSTRUCTION)
-    return prompts
+    _, budget = article_budget(PieceEncoder(tokenizer), max_source_length)
+    return [summary_prompt_text(tokenizer, example["article"], budget)
+            for example in _records(records, None, source, False)]
+
+
+def summary_prompt_text(tokenizer: PreTrainedTokenizerBase, article: str, budget: int) -> str:
+    """One article cut to ``budget`` tokens at the end of its last whole token, plus the instruction."""
+    if tokenizer.is_fast:
+        encoded = tokenizer(article, add_special_tokens=False, return_offsets_mapping=True)
+        if len(encoded["input_ids"]) > budget:
+            article = article[: encoded["offset_mapping"][budget - 1][1]]
+    else:  # slow tokenizers have no offsets: decode the kept tokens
+        ids = tokenizer.encode(article, add_special_tokens=False)
+        if len(ids) > budget:
+            article = tokenizer.decode(ids[:budget])
+    return article + SUMMARIZE_INSTRUCTION
 
 
 def summarization_references(records: Iterable[dict], *, source: str = "eval") -> list[str]:
