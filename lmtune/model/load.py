@@ -26,6 +26,7 @@ from transformers import (
 
 from lmtune.errors import ConfigError
 from lmtune.model.families import family_traits
+from lmtune.model.gguf import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def load_config(
     Raises:
         ConfigError: when the path holds no model, or the model needs --trust_remote_code.
     """
-    source = config_name or name_or_path
+    source = resolve_model_path(config_name or name_or_path)
     try:
         if trust_remote_code:
             builtin = _builtin_config(source, revision=revision, token=token, cache_dir=cache_dir)
@@ -137,7 +138,7 @@ def load_tokenizer(
     Raises:
         ConfigError: when the tokenizer cannot be loaded or has no EOS token.
     """
-    source = tokenizer_name or name_or_path
+    source = resolve_model_path(tokenizer_name or name_or_path)
     try:
         if source.endswith(".json") and Path(source).is_file():
             tokenizer = PreTrainedTokenizerFast(tokenizer_file=source)
@@ -220,6 +221,7 @@ def load_model(
         ConfigError: when the weights cannot be loaded, exist only as pickle files (without
             ``allow_pickle_weights``), or need ``trust_remote_code``.
     """
+    name_or_path = resolve_model_path(name_or_path)
     auto = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(
