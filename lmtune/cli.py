@@ -103,6 +103,17 @@ def _merge(argv: list[str]) -> int:
     return 0
 
 
+def _serve(argv: list[str]) -> int:
+    from lmtune.serve.args import build_serve_parser, parse_serve_args
+
+    if any(a in ("-h", "--help") for a in argv):
+        build_serve_parser().print_help()
+        return 0
+    from lmtune.serve.server import run_serve
+
+    return run_serve(parse_serve_args(argv))
+
+
 def _convert(argv: list[str]) -> int:
     import argparse
 
@@ -128,6 +139,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "chat": (_chat, "talk to a model (+ adapter) in the chat format it was trained with"),
     "eval": (_eval, "evaluate a model (+ adapter): ROUGE, HumanEval, TruthfulQA, lm-eval tasks, perplexity"),
     "merge": (_merge, "fold a LoRA/IA3 adapter into its base model and save a plain transformers model"),
+    "serve": (_serve, "serve a model (+ adapters) over an OpenAI-compatible API, with a chat page in the browser"),
     "convert": (_convert, "turn a llama2.c checkpoint into a transformers model directory"),
     "launch": (_launch, "run finetune_clm/finetune_seq2seq on N processes via torchrun, mpirun or deepspeed"),
 }
