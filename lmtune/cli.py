@@ -105,6 +105,17 @@ def _merge(argv: list[str]) -> int:
     return 0
 
 
+def _serve(argv: list[str]) -> int:
+    from lmtune.serve.args import build_serve_parser, parse_serve_args
+
+    if any(a in ("-h", "--help") for a in argv):
+        build_serve_parser().print_help()
+        return 0
+    from lmtune.serve.server import run_serve
+
+    return run_serve(parse_serve_args(argv))
+
+
 def _convert(argv: list[str]) -> int:
     import argparse
 
@@ -166,6 +177,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "eval": (_eval, "evaluate a model (+ adapter): ROUGE, HumanEval, TruthfulQA, lm-eval tasks, perplexity"),
     "merge": (_merge, "fold a LoRA/IA3 adapter into its base model and save a plain transformers model"),
     "convert": (_convert, "turn a llama2.c checkpoint or a GGUF file into a transformers model directory"),
+    "serve": (_serve, "serve a model (+ adapters) over an OpenAI-compatible API, with a chat page in the browser"),
     "export": (_export, "write a model (+ merged adapter) in another format: gguf for llama.cpp and Ollama"),
     "launch": (_launch, "run finetune_clm/finetune_seq2seq on N processes via torchrun, mpirun or deepspeed"),
 }

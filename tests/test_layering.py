@@ -14,12 +14,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lmtune"
 # what a run wrote about itself comes from ``lmtune.run_record``, a model for use from ``model.inference``.
 ENTRY_POINTS = ("cli", "finetune", "launch")
 FORBIDDEN = {
-    "data": ("model", "train", "evaluate", "export", "chat", "args", *ENTRY_POINTS),
-    "model": ("train", "evaluate", "export", "chat", "args", *ENTRY_POINTS),
-    "evaluate": ("train", "export", "chat", "args", *ENTRY_POINTS),
-    "train": ("export", "chat", *ENTRY_POINTS),
-    "chat": ("train", "export", "args", *ENTRY_POINTS),
-    "export": ("train", "chat", "args", *ENTRY_POINTS),
+    "data": ("model", "train", "evaluate", "export", "chat", "serve", "args", *ENTRY_POINTS),
+    "model": ("train", "evaluate", "export", "chat", "serve", "args", *ENTRY_POINTS),
+    "evaluate": ("train", "export", "chat", "serve", "args", *ENTRY_POINTS),
+    "train": ("export", "chat", "serve", *ENTRY_POINTS),
+    "chat": ("train", "export", "serve", "args", *ENTRY_POINTS),
+    "export": ("train", "chat", "serve", "args", *ENTRY_POINTS),
+    "serve": ("train", "export", "args", *ENTRY_POINTS),
 }
 
 
