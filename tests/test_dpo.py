@@ -157,6 +157,7 @@ def test_tiny_model_learns_a_synthetic_preference_also_with_duplicated_prompts(t
         code = main_dpo(dpo_flags(
             tiny_llama_dir, write_jsonl(tmp_path / f"{name}.jsonl", records), out,
             "--validation_file", str(held_out), "--do_eval", "--eval_strategy", "steps", "--eval_steps", "10",
+            "--eval_on_start", "True",
             "--max_steps", "30", "--per_device_train_batch_size", "4", "--learning_rate", "2e-2", "--beta", "0.5",
             "--lora_rank", "8",
         ))
