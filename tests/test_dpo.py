@@ -157,6 +157,7 @@ def test_tiny_model_learns_a_synthetic_preference_also_with_duplicated_prompts(t
         code = main_dpo(dpo_flags(
             tiny_llama_dir, write_jsonl(tmp_path / f"{name}.jsonl", records), out,
             "--validation_file", str(held_out), "--do_eval", "--eval_strategy", "steps", "--eval_steps", "10",
+            "--eval_on_start", "True",
             "--max_steps", "30", "--per_device_train_batch_size", "4", "--learning_rate", "2e-2", "--beta", "0.5",
             "--lora_rank", "8",
         ))
@@ -227,3 +228,27 @@ def test_dry_run_reports_pairs_and_truncation_without_touching_output(tmp_path, 
     printed = capsys.readouterr().out
     assert "6 pairs" in printed and "1 prompts truncated" in printed and "first pair, chosen" in printed
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_reference_cpu_recipe_on_orca_dpo_pairs_from_an_sft_adapter(tmp_path, tiny_llama_dir, shared_data):
+    """dpo_clm.py's CPU command line, as written, with local paths (and a few steps instead of 1000)."""
+    pairs = shared_data / "hub" / "Intel" / "orca_dpo_pairs"
+    if not pairs.is_dir():
+        pytest.skip(f"{pairs} is absent")
+    adapter = sft_adapter(tmp_path, tiny_llama_dir, preference_records(8, seed=11))
+    out = tmp_path / "dpo"
+    code = main_dpo([
+        "--model_name_or_path", str(tiny_llama_dir), "--dataset_name", str(pairs), "--output_dir", str(out),
+        *REFERENCE_CPU_RECIPE, "--adapter", str(adapter), "--max_steps", "2", "--max_train_samples", "16",
+        "--max_eval_samples", "4", "--do_eval", "--max_prompt_length", "96", "--max_length", "160",
+        "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1",
+    ])
+    assert code == 0
+    results = json.loads((out / "all_results.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen"):
+        assert math.isfinite(results[key]), key
+    assert results["train_samples"] == 16 and results["eval_samples"] == 4
+    saved = json.loads((out / "lmtune_args.json").read_text())["args"]
+    assert saved["preference"]["adapter"] == str(adapter) and saved["training"]["gradient_accumulation_steps"] == 2
+    assert not (out / "reference").exists() and (out / "adapter_model.safetensors").is_file()
