@@ -205,3 +205,20 @@ def test_mbpp_problem_runs_setup_code_and_every_given_test():
     assert problem["entry_point"] == "count" and problem["prompt"].startswith('"""\nCount the nodes.\nassert count')
     assert check_completion(problem, "def count(n):\n    return n.size\n") == (True, "passed")
     assert check_completion(problem, "def count(n):\n    return 4\n")[0] is False
+
+
+def test_lmtune_eval_scores_mbpp_on_a_model_and_its_reference_solutions(tiny_llama_dir, shared_data, tmp_path):
+    from lmtune.cli import main
+
+    mbpp = str(shared_data / "eval" / "sanitized-mbpp.json")
+    out = tmp_path / "mbpp"
+    assert main(["eval", "--task", "mbpp", "--model_name_or_path", str(tiny_llama_dir), "--output_dir", str(out),
+                 "--mbpp_file", mbpp, "--max_eval_samples", "2", "--humaneval_max_new_tokens", "6"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["mbpp_problems"] == 2 and results["mbpp_pass@1"] == 0.0  # a random model writes no function
+    assert len((out / "mbpp_results.jsonl").read_text().splitlines()) == 2
+    harness = tmp_path / "harness"
+    assert main(["eval", "--task", "mbpp", "--mbpp_file", mbpp, "--reference_solutions", "--max_eval_samples", "5",
+                 "--output_dir", str(harness)]) == 0
+    assert json.loads((harness / "eval_results.json").read_text()) == {"mbpp_pass@1": 1.0, "mbpp_problems": 5}
+    assert main(["eval", "--task", "mbpp", "--output_dir", str(harness), "--model_name_or_path", "m"]) == 2
