@@ -13,6 +13,8 @@ from lmtune.errors import ConfigError
 from lmtune.export.compare import compare_runs, render_report, write_report
 from lmtune.finetune import finetune
 
+pytestmark = pytest.mark.slow  # three real runs (~40 s together)
+
 
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory, tiny_llama_dir, demo_records) -> list[Path]:

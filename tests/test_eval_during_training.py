@@ -70,7 +70,7 @@ def summarization(summaries: Path, **extra) -> dict:
 def test_rouge_at_every_evaluation_reaches_the_state_and_the_log(tiny_llama_dir, summaries, tmp_path, caplog):
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="lmtune"):
-        finetune(**run_flags(tiny_llama_dir, summaries, out, **summarization(summaries)))
+        finetune(**run_flags(tiny_llama_dir, summaries, out, **summarization(summaries), report_to="tensorboard"))
     entries = evaluations(out)
     assert [entry["step"] for entry in entries] == [1, 2, 3, 4]
     for entry in entries:
@@ -82,6 +82,15 @@ def test_rouge_at_every_evaluation_reaches_the_state_and_the_log(tiny_llama_dir,
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_rouge_samples"] == 4 and "eval_metric_samples" not in results
     assert (out / "metrics_curve.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for file in out.glob("runs/*/events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(file))
+        accumulator.Reload()
+        if "eval/rouge1" in accumulator.Tags()["scalars"]:
+            steps += [event.step for event in accumulator.Scalars("eval/rouge1")]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_without_a_sample_count_the_first_evaluation_chooses_one_and_says_so(tiny_llama_dir, summaries, tmp_path,
