@@ -169,6 +169,25 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+def _compare(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lmtune compare", description="Runs side by side: settings, final and "
+                                     "best metrics, wall time, tokens/s, and one picture of their curves.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="the --output_dir of each finished run")
+    parser.add_argument("--output", help="write the Markdown report here and its curves beside it (.png)")
+    args = parser.parse_args(argv)
+    from lmtune.export.compare import compare_runs, render_report, write_report
+
+    if args.output is None:
+        print(render_report(compare_runs(args.run_dirs)), end="")
+        print("(pass --output report.md to also draw the curves into report.png)")
+        return 0
+    report, picture = write_report(args.run_dirs, args.output)
+    print(f"lmtune compare: wrote {report}" + (f" and {picture}" if picture else ""))
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "finetune": (lambda argv: _finetune(argv, None), "fine-tune a model (causal or seq2seq, from its config)"),
     "dpo": (_dpo, "preference-tune a model (+ SFT adapter) on chosen/rejected pairs: DPO or ORPO"),
@@ -179,6 +198,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "convert": (_convert, "turn a llama2.c checkpoint or a GGUF file into a transformers model directory"),
     "serve": (_serve, "serve a model (+ adapters) over an OpenAI-compatible API, with a chat page in the browser"),
     "export": (_export, "write a model (+ merged adapter) in another format: gguf for llama.cpp and Ollama"),
+    "compare": (_compare, "compare finished runs: settings, final and best metrics, speed, curves (report.md + .png)"),
     "launch": (_launch, "run finetune_clm/finetune_seq2seq on N processes via torchrun, mpirun or deepspeed"),
 }
 

@@ -106,7 +106,9 @@ def _best_model_problems(args: ParsedArgs) -> list[str]:
                             "humaneval_pass@1)")
     name = training.metric_for_best_model
     if name:
-        task = metric_keys(task_eval_settings(args)) if evaluates and ft.eval_metric_samples != 0 else []
+        generates = getattr(training, "predict_with_generate", False)  # the Seq2SeqTrainer's own ROUGE
+        task = metric_keys(task_eval_settings(args)) if evaluates and (ft.eval_metric_samples != 0 or generates) \
+            else []
         known = ["eval_loss", *(["eval_ppl"] if ft.eval_ppl else []), *(f"eval_{key}" for key in task)]
         if (name if name.startswith("eval_") else f"eval_{name}") not in known and name != "loss":
             close = difflib.get_close_matches(f"eval_{name.removeprefix('eval_')}", known, n=1)

@@ -70,7 +70,7 @@ def summarization(summaries: Path, **extra) -> dict:
 def test_rouge_at_every_evaluation_reaches_the_state_and_the_log(tiny_llama_dir, summaries, tmp_path, caplog):
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="lmtune"):
-        finetune(**run_flags(tiny_llama_dir, summaries, out, **summarization(summaries)))
+        finetune(**run_flags(tiny_llama_dir, summaries, out, **summarization(summaries), report_to="tensorboard"))
     entries = evaluations(out)
     assert [entry["step"] for entry in entries] == [1, 2, 3, 4]
     for entry in entries:
@@ -82,6 +82,15 @@ def test_rouge_at_every_evaluation_reaches_the_state_and_the_log(tiny_llama_dir,
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_rouge_samples"] == 4 and "eval_metric_samples" not in results
     assert (out / "metrics_curve.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for file in out.glob("runs/*/events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(file))
+        accumulator.Reload()
+        if "eval/rouge1" in accumulator.Tags()["scalars"]:
+            steps += [event.step for event in accumulator.Scalars("eval/rouge1")]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_without_a_sample_count_the_first_evaluation_chooses_one_and_says_so(tiny_llama_dir, summaries, tmp_path,
@@ -205,3 +214,20 @@ def test_mbpp_problem_runs_setup_code_and_every_given_test():
     assert problem["entry_point"] == "count" and problem["prompt"].startswith('"""\nCount the nodes.\nassert count')
     assert check_completion(problem, "def count(n):\n    return n.size\n") == (True, "passed")
     assert check_completion(problem, "def count(n):\n    return 4\n")[0] is False
+
+
+def test_lmtune_eval_scores_mbpp_on_a_model_and_its_reference_solutions(tiny_llama_dir, shared_data, tmp_path):
+    from lmtune.cli import main
+
+    mbpp = str(shared_data / "eval" / "sanitized-mbpp.json")
+    out = tmp_path / "mbpp"
+    assert main(["eval", "--task", "mbpp", "--model_name_or_path", str(tiny_llama_dir), "--output_dir", str(out),
+                 "--mbpp_file", mbpp, "--max_eval_samples", "2", "--humaneval_max_new_tokens", "6"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["mbpp_problems"] == 2 and results["mbpp_pass@1"] == 0.0  # a random model writes no function
+    assert len((out / "mbpp_results.jsonl").read_text().splitlines()) == 2
+    harness = tmp_path / "harness"
+    assert main(["eval", "--task", "mbpp", "--mbpp_file", mbpp, "--reference_solutions", "--max_eval_samples", "5",
+                 "--output_dir", str(harness)]) == 0
+    assert json.loads((harness / "eval_results.json").read_text()) == {"mbpp_pass@1": 1.0, "mbpp_problems": 5}
+    assert main(["eval", "--task", "mbpp", "--output_dir", str(harness), "--model_name_or_path", "m"]) == 2

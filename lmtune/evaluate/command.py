@@ -5,6 +5,7 @@ Example::
     lmtune eval --model_name_or_path ./base --adapter ./out --task summarization \\
         --validation_file news.jsonl --max_eval_samples 100 --output_dir ./eval
     lmtune eval --task humaneval --humaneval_file HumanEval.jsonl.gz --reference_solutions --output_dir ./eval
+    lmtune eval --model_name_or_path ./base --adapter ./out --task mbpp --mbpp_file mbpp.jsonl --output_dir ./eval
 
 Contract: flags parse into ``EvalArguments`` (``HfArgumentParser``, unknown flags raise);
 ``run_eval`` loads the model, runs one evaluation from ``lmtune.evaluate.tasks`` (or the
@@ -41,7 +42,7 @@ from lmtune.model.load import is_seq2seq
 
 logger = logging.getLogger(__name__)
 
-EvalTask = Literal["summarization", "code-generation", "humaneval", "truthfulqa", "lm-eval", "perplexity"]
+EvalTask = Literal["summarization", "code-generation", "humaneval", "mbpp", "truthfulqa", "lm-eval", "perplexity"]
 RESULTS_FILE = "eval_results.json"
 
 
@@ -49,7 +50,7 @@ RESULTS_FILE = "eval_results.json"
 class EvalArguments:
     task: EvalTask | None = field(
         default=None,
-        metadata={"help": "What to measure: summarization (ROUGE), code-generation / humaneval (pass@k), "
+        metadata={"help": "What to measure: summarization (ROUGE), code-generation / humaneval / mbpp (pass@k), "
                   "truthfulqa or lm-eval (--lm_eval_tasks), perplexity (eval loss on --validation_file)."},
     )
     output_dir: str | None = field(default=None, metadata={"help": "Where eval_results.json is written (required)."})
@@ -72,6 +73,9 @@ class EvalArguments:
     num_beams: int = field(default=4, metadata={"help": "Beams for summary generation (1 = greedy)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts or samples per forward/generate call."})
     humaneval_file: str | None = field(default=None, metadata={"help": "HumanEval.jsonl(.gz)."})
+    mbpp_file: str | None = field(
+        default=None, metadata={"help": "--task mbpp: mbpp.jsonl or sanitized-mbpp.json (its test split, ids 11-510)."}
+    )
     reference_solutions: bool = field(
         default=False, metadata={"help": "Score HumanEval's canonical solutions (checks the harness; no model)."}
     )
@@ -127,16 +131,18 @@ def _problems(args: EvalArguments) -> list[str]:
     if not args.output_dir:
         problems.append("--output_dir is required: where eval_results.json is written")
     humaneval = args.task in ("code-generation", "humaneval")
-    if args.reference_solutions and not humaneval:
-        problems.append("--reference_solutions applies to --task humaneval")
-    if not args.model_name_or_path and not (humaneval and args.reference_solutions):
+    if args.reference_solutions and not (humaneval or args.task == "mbpp"):
+        problems.append("--reference_solutions applies to --task humaneval or mbpp")
+    if not args.model_name_or_path and not ((humaneval or args.task == "mbpp") and args.reference_solutions):
         problems.append("--model_name_or_path is required (only --task humaneval --reference_solutions runs "
                         "without a model)")
     if humaneval and not args.humaneval_file:
         problems.append("--task humaneval needs --humaneval_file HumanEval.jsonl.gz")
+    if args.task == "mbpp" and not args.mbpp_file:
+        problems.append("--task mbpp needs --mbpp_file mbpp.jsonl (or sanitized-mbpp.json)")
     if args.task in ("summarization", "perplexity") and not (args.validation_file or args.dataset_name):
         problems.append(f"--task {args.task} needs records: --validation_file FILE or --dataset_name DIR")
-    for flag in ("humaneval_file", "truthfulqa_file", "validation_file", "adapter"):
+    for flag in ("humaneval_file", "mbpp_file", "truthfulqa_file", "validation_file", "adapter"):
         path = getattr(args, flag)
         if path and not Path(path).exists():
             problems.append(f"--{flag} {path}: no such file or directory")
@@ -203,6 +209,9 @@ def _perplexity(args: EvalArguments, model, tokenizer) -> dict[str, float]:
 def _measure(args: EvalArguments, output_dir: Path) -> dict[str, Any]:
     if args.task in ("code-generation", "humaneval") and args.reference_solutions:
         return score_reference_solutions(args.humaneval_file, limit=args.max_eval_samples, output_dir=output_dir)
+    if args.task == "mbpp" and args.reference_solutions:
+        return score_reference_solutions(args.mbpp_file, limit=args.max_eval_samples, output_dir=output_dir,
+                                         benchmark="mbpp")
     model, tokenizer = load_eval_model(args)
     if args.task == "summarization":
         return evaluate_summarization(
@@ -210,9 +219,11 @@ def _measure(args: EvalArguments, output_dir: Path) -> dict[str, Any]:
             max_target_length=args.max_target_length, num_beams=args.num_beams, batch_size=args.batch_size,
             output_dir=output_dir, skip_invalid=args.skip_invalid_records,
         )
-    if args.task in ("code-generation", "humaneval"):
+    if args.task in ("code-generation", "humaneval", "mbpp"):
+        mbpp = args.task == "mbpp"
         return evaluate_code_generation(
-            model, tokenizer, humaneval_file=args.humaneval_file, limit=args.max_eval_samples,
+            model, tokenizer, humaneval_file=args.mbpp_file if mbpp else args.humaneval_file,
+            benchmark="mbpp" if mbpp else "humaneval", limit=args.max_eval_samples,
             n_samples=args.humaneval_n_samples, temperature=args.humaneval_temperature, top_p=args.humaneval_top_p,
             max_new_tokens=args.humaneval_max_new_tokens, batch_size=args.batch_size, output_dir=output_dir,
         )

@@ -78,7 +78,8 @@ def style_step_axes(axes, ylabel: str, title: str) -> None:
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    if axes.lines:
+        axes.legend(fontsize=8)
 
 
 def plot_metric_curves(
