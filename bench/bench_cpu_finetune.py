@@ -129,7 +129,8 @@ def run_once(name: str, spec: dict, work_dir: Path, index: int, omp_wait_policy:
         tail = (run_dir / "log.txt").read_text(encoding="utf-8", errors="replace")[-3000:]
         raise RuntimeError(f"{name} failed (exit {process.returncode}); log {run_dir / 'log.txt'}:\n{tail}")
     result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
-    return Measurement(name=name, wall_s=wall, peak_rss_mb=usage.ru_maxrss / 1024, result=result)
+    return Measurement(name=name, wall_s=wall, peak_rss_mb=usage.ru_maxrss / 1024, result=result,
+                       cpu_s=usage.ru_utime + usage.ru_stime)
 
 
 def run_table(

@@ -56,9 +56,9 @@ def lmtune_argv(spec: dict) -> list[str]:
 
 
 def run_lmtune(spec: dict) -> dict:
-    from lmtune.cli import main_clm
+    from lmtune.cli import _ends_the_process, main_clm
 
-    code = main_clm(lmtune_argv(spec))
+    code = _ends_the_process(lambda: main_clm(lmtune_argv(spec)))()  # as the finetune_clm script does
     if code != 0:
         raise SystemExit(f"lmtune exited with {code}")
     state = json.loads((Path(spec["output_dir"]) / "trainer_state.json").read_text(encoding="utf-8"))

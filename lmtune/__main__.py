@@ -2,6 +2,6 @@
 
 import sys
 
-from lmtune.cli import main
+from lmtune.cli import script_main
 
-sys.exit(main())
+sys.exit(script_main())

@@ -59,6 +59,7 @@ from lmtune.model.quantize import (
 from lmtune.train.packing_check import PACK_BY_MASK, check_packing_isolation
 from lmtune.train.progress import check_report_to, configure_messages, install_progress, is_interactive
 from lmtune.train.eval_metrics import evaluation_callbacks
+from lmtune.train.startup import StartupPhases, StartupReport
 from lmtune.train.trainer import build_trainer
 from lmtune.train.zero import whole_weights
 from lmtune.validation import task_eval_settings, validate_args
@@ -277,6 +278,8 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     Raises:
         LmtuneError: for every problem a user can cause, before training where possible.
     """
+    phases = StartupPhases()  # logged at --log_level debug after the first step
+    phases.mark("imports and argument parsing")
     validate_args(args)
     _check_model_flags(args)
     check_task_evaluation(task_eval_settings(args))
@@ -286,7 +289,9 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     _configure_logging(training)
     if training.process_index == 0 and (notice := fsdp_notice(bool(training.fsdp), training.use_cpu)):
         logger.warning(notice)
+    phases.mark("argument checks")
     args, bf16_storage = _check_cpu_bf16(args)
+    phases.mark("bf16 probe")
     training = args.training
     transformers.set_seed(training.seed)
     with training.main_process_first(desc="output directory"):
@@ -307,6 +312,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     )
     data = _prepare(args, tokenizer, seq2seq=seq2seq)
     _carry_chat_template(args, tokenizer)
+    phases.mark("tokenizer and data")
     if ft.dry_run:
         return _report_data(args, tokenizer, data, seq2seq=seq2seq)
     if training.process_index == 0:
@@ -314,6 +320,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
             clear_earlier_run(training.output_dir)
         write_run_args(training.output_dir, args_to_dict(args))
     model, block_mask_dtype = _build_model(args, config, tokenizer, bf16_storage=bf16_storage)
+    phases.mark("model load + packing probe + adapter")
     collator = _collator(args, tokenizer, seq2seq=seq2seq, block_mask_dtype=block_mask_dtype)
     stopper = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
     seq2seq_trainer = seq2seq and isinstance(training, Seq2SeqTrainingArguments)
@@ -322,8 +329,8 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     task_metrics, evaluation = _evaluation_callbacks(args, data, generated_rouge=rouge_metrics is not None)
     trainer = build_trainer(
         model, tokenizer, training, train_dataset=data.train, eval_dataset=data.validation,
-        data_collator=collator, eval_ppl=ft.eval_ppl, callbacks=[stopper, *evaluation], seq2seq=seq2seq_trainer,
-        compute_metrics=rouge_metrics, task_metrics=task_metrics,
+        data_collator=collator, eval_ppl=ft.eval_ppl, callbacks=[stopper, StartupReport(phases), *evaluation],
+        seq2seq=seq2seq_trainer, compute_metrics=rouge_metrics, task_metrics=task_metrics,
     )
     install_progress(trainer)
     metrics: dict[str, Any] = {}

@@ -2,7 +2,7 @@
 
 import sys
 
-from lmtune.cli import main_clm
+from lmtune.cli import script_clm
 
 if __name__ == "__main__":
-    sys.exit(main_clm())
+    sys.exit(script_clm())

@@ -2,7 +2,7 @@
 
 import sys
 
-from lmtune.cli import main_seq2seq
+from lmtune.cli import script_seq2seq
 
 if __name__ == "__main__":
-    sys.exit(main_seq2seq())
+    sys.exit(script_seq2seq())

@@ -229,3 +229,19 @@ def test_linear_subclasses_compute_in_float32_too():
     assert type(dense).__name__ == "FalconLinear" and dense.weight.dtype == torch.float32
     ids = torch.randint(0, 97, (2, 9))
     torch.testing.assert_close(half(ids).logits, exact(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_console_scripts_freeze_the_garbage_collector_only_after_the_command(monkeypatch):
+    import gc
+    import tomllib
+    from pathlib import Path
+
+    from lmtune import cli
+
+    events = []
+    monkeypatch.setattr(gc, "freeze", lambda: events.append("freeze"))
+    assert cli._ends_the_process(lambda: events.append("command") or 3)() == 3
+    assert events == ["command", "freeze"]
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"lmtune": "lmtune.cli:script_main", "finetune_clm": "lmtune.cli:script_clm",
+                       "finetune_seq2seq": "lmtune.cli:script_seq2seq"}
