@@ -32,7 +32,8 @@ from lmtune.model.load import fit_embeddings_to_tokenizer, load_config, load_mod
 from lmtune.model.upcast import upcast_compute
 from lmtune.preference_args import PreferenceRun, parse_preference_args, preference_args_to_dict, preference_problems
 from lmtune.train.checkpointing import StopOnSignal
-from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir, write_run_args
+from lmtune.run_record import write_run_args
+from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir
 from lmtune.train.preference import REFERENCE_ADAPTER, PreferenceCollator, build_preference_trainer
 from lmtune.train.preference_loss import Objective
 from lmtune.train.progress import check_report_to, install_progress

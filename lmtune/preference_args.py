@@ -21,9 +21,9 @@ from lmtune.args import (
     FinetuneArguments,
     ModelArguments,
     ParsedArgs,
-    _raise_unknown,
     args_to_dict,
 )
+from lmtune.command_flags import raise_unknown_flags
 from lmtune.argv import expand_config, resolve_cpu_flag, rewrite_legacy_flags
 from lmtune.errors import ConfigError
 
@@ -112,7 +112,7 @@ def parse_preference_args(argv: list[str] | None = None) -> PreferenceRun:
     except ValueError as exc:  # TrainingArguments.__post_init__ checks
         raise ConfigError(str(exc)) from exc
     if remaining:
-        _raise_unknown(parser, remaining)
+        raise_unknown_flags(parser, remaining)
     if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         training.output_dir = None  # transformers would invent "trainer_output"; the reference requires it
     if finetune.lora_target_modules and finetune.lora_all_linear and not _given(argv, "--lora_all_linear"):

@@ -18,7 +18,7 @@ from typing import Any
 
 from lmtune.errors import ConfigError
 from lmtune.export.plots import loss_points, metric_points, new_figure, style_step_axes
-from lmtune.train.output_dir import ARGS_FILE
+from lmtune.run_record import ARGS_FILE
 
 REPORT_TITLE = "# lmtune compare"
 # Final metrics that are bookkeeping, not results.
