@@ -129,6 +129,7 @@ def _prepare(args: ParsedArgs, tokenizer, *, seq2seq: bool) -> PreparedData:
         max_seq_length=data.max_seq_length, max_source_length=data.max_source_length,
         max_target_length=data.max_target_length, train_on_inputs=ft.train_on_inputs,
         skip_invalid_records=data.skip_invalid_records, chat_template=ft.chat_template,
+        strict_records=data.strict_records,
     )
     inputs = dict(
         task=ft.task, train_file=data.train_file, validation_file=data.validation_file,
@@ -271,6 +272,8 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     Raises:
         LmtuneError: for every problem a user can cause, before training where possible.
     """
+    if args.finetune.dry_run and not (args.training.do_train or args.training.do_eval):
+        args.training.do_train = True  # a bare --dry_run reports what training would see
     validate_args(args)
     _check_model_flags(args)
     check_task_evaluation(task_eval_settings(args))

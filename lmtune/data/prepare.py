@@ -19,6 +19,7 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from lmtune.data.chat import render_chat_records
+from lmtune.data.empty_records import drop_empty_records
 from lmtune.data.formats import to_examples
 from lmtune.data.packing import PackingStats, pack_examples
 from lmtune.data.render import RenderStats, render_examples
@@ -40,6 +41,7 @@ class RenderSettings:
     train_on_inputs: bool = False
     skip_invalid_records: bool = False
     chat_template: str | None = None
+    strict_records: bool = False
 
 
 # A renderer turns one split's raw records into {"input_ids": [...], "labels": [...]} plus stats.
@@ -183,16 +185,17 @@ def prepare_data(
     prepared = PreparedData()
     source = dataset_name or train_file or ""
     if need_train and "train" in splits:
-        samples, prepared.stats["train"] = renderer(
-            _head(splits["train"], max_train_samples), source, tokenizer, settings
-        )
+        raw = drop_empty_records(_head(splits["train"], max_train_samples), task=task, source=source,
+                                 strict=settings.strict_records)
+        samples, prepared.stats["train"] = renderer(raw, source, tokenizer, settings)
         _report("train", source, prepared.stats["train"])
         if dataset_concatenation:
             samples, prepared.packing = pack_examples(samples, settings.max_seq_length)
             logger.info("train: %s.", prepared.packing.describe())
         prepared.train = datasets.Dataset.from_dict(samples)
     if need_validation:
-        raw = _head(splits["validation"], max_eval_samples)
+        raw = drop_empty_records(_head(splits["validation"], max_eval_samples), task=task,
+                                 source=validation_file or source, strict=settings.strict_records)
         samples, prepared.stats["validation"] = renderer(raw, validation_file or source, tokenizer, settings)
         _report("validation", validation_file or source, prepared.stats["validation"])
         prepared.validation = datasets.Dataset.from_dict(samples)
