@@ -19,7 +19,7 @@ EXIT_BUG = 1
 
 
 def _finetune(argv: list[str], seq2seq: bool | None) -> int:
-    from lmtune.finetune import parse_for_model, run_finetune
+    from lmtune.finetuning import parse_for_model, run_finetune
     from lmtune.train.distributed import is_main_process
 
     if any(a in ("-h", "--help") for a in argv):
@@ -44,7 +44,7 @@ def _quickstart(argv: list[str]) -> int:
     import argparse
 
     from lmtune.demo import build_demo_model, default_demo_dir, demo_data_path
-    from lmtune.finetune import parse_for_model, run_finetune
+    from lmtune.finetuning import parse_for_model, run_finetune
 
     parser = argparse.ArgumentParser(
         prog="lmtune quickstart",

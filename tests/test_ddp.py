@@ -109,10 +109,10 @@ def test_a_different_global_batch_trains_a_different_adapter(reference, tiny_lla
 
 COUNTING_ENTRY = """
     import json, os, sys
-    import lmtune.finetune
+    import lmtune.finetuning
     from lmtune.cli import main_clm
 
-    prepare_data, build_trainer, calls, trainers = lmtune.finetune.prepare_data, lmtune.finetune.build_trainer, [], []
+    prepare_data, build_trainer, calls, trainers = lmtune.finetuning.prepare_data, lmtune.finetuning.build_trainer, [], []
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -122,8 +122,8 @@ COUNTING_ENTRY = """
         trainers.append(build_trainer(*args, **kwargs))
         return trainers[-1]
 
-    lmtune.finetune.prepare_data = counted  # the real function, counted per rank
-    lmtune.finetune.build_trainer = kept  # the real trainer, kept to read its DDP wrapper
+    lmtune.finetuning.prepare_data = counted  # the real function, counted per rank
+    lmtune.finetuning.build_trainer = kept  # the real trainer, kept to read its DDP wrapper
     code = main_clm(sys.argv[1:])
     wrapper = trainers[0].model_wrapped
     with open(os.path.join(os.environ["COUNT_DIR"], f"rank{os.environ['RANK']}.json"), "w") as out:

@@ -11,10 +11,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lmtune"
 
 # stage -> lmtune modules it must never import
 FORBIDDEN = {
-    "data": ("model", "train", "evaluate", "export", "chat", "cli", "finetune"),
-    "model": ("train", "evaluate", "export", "chat", "cli", "finetune"),
-    "evaluate": ("train", "export", "chat", "cli", "finetune"),
-    "train": ("export", "chat", "cli", "finetune"),
+    "data": ("model", "train", "evaluate", "export", "chat", "cli", "finetuning"),
+    "model": ("train", "evaluate", "export", "chat", "cli", "finetuning"),
+    "evaluate": ("train", "export", "chat", "cli", "finetuning"),
+    "train": ("export", "chat", "cli", "finetuning"),
 }
 
 

@@ -11,7 +11,7 @@ import logging
 
 import pytest
 
-from lmtune.finetune import parse_for_model, run_finetune
+from lmtune.finetuning import parse_for_model, run_finetune
 
 from conftest import require_shared_data
 
