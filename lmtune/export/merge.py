@@ -26,6 +26,7 @@ from transformers import HfArgumentParser
 
 from lmtune.args import parse_command_flags
 from lmtune.errors import ConfigError
+from lmtune.model.base_model import resolve_base_model
 from lmtune.model.load import fit_embeddings_to_tokenizer, load_config, load_model, load_tokenizer
 from lmtune.train.output_dir import ARGS_FILE, write_json
 
@@ -81,17 +82,7 @@ def resolve_base(adapter: Path, base: str | None) -> str:
     Raises:
         ConfigError: when none of them names a base model.
     """
-    if base:
-        return base
-    run_args = adapter / ARGS_FILE
-    if run_args.is_file():
-        recorded = json.loads(run_args.read_text(encoding="utf-8")).get("args", {}).get("model", {})
-        if recorded.get("model_name_or_path"):
-            return recorded["model_name_or_path"]
-    recorded = _adapter_config(adapter).get("base_model_name_or_path")
-    if recorded:
-        return recorded
-    raise ConfigError(f"--adapter {adapter} does not record its base model; pass --model_name_or_path BASE.")
+    return resolve_base_model(base, adapter, "lmtune merge")
 
 
 def _check_mergeable(adapter_config: dict, adapter: Path) -> None:
