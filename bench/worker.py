@@ -100,7 +100,7 @@ def trainer_facts() -> dict:
 def main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     if spec["kind"] == "lmtune":
-        import lmtune.finetune  # noqa: F401  first, as `finetune_clm` does: it sets up OpenMP before torch loads
+        import lmtune.finetuning  # noqa: F401  first, as `finetune_clm` does: it sets up OpenMP before torch loads
     if spec["kind"] == "torchtune":
         from bench.torchtune_path import run_torchtune
 

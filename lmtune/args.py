@@ -99,6 +99,11 @@ class DataArguments:
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Skip malformed records (reported) instead of stopping at the first."}
     )
+    strict_records: bool = field(
+        default=False,
+        metadata={"help": "Refuse data holding records with an empty response, instruction or turn, naming each; "
+                  "by default they are left out, counted and the first few named in one warning."},
+    )
 
 
 @dataclass

@@ -20,7 +20,7 @@ EXIT_BUG = 1
 
 
 def _finetune(argv: list[str], seq2seq: bool | None) -> int:
-    from lmtune.finetune import parse_for_model, run_finetune
+    from lmtune.finetuning import parse_for_model, run_finetune
     from lmtune.train.distributed import is_main_process
 
     if any(a in ("-h", "--help") for a in argv):

@@ -27,7 +27,7 @@ from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.report import estimate_steps
 from lmtune.errors import ConfigError
 from lmtune.export.model_card import write_run_summary
-from lmtune.finetune import _adapt_model, _check_cpu_bf16, _check_model_flags, _configure_logging, _with_device
+from lmtune.finetuning import _adapt_model, _check_cpu_bf16, _check_model_flags, _configure_logging, _with_device
 from lmtune.model.load import fit_embeddings_to_tokenizer, load_config, load_model, load_tokenizer, resolve_dtype
 from lmtune.model.upcast import upcast_compute
 from lmtune.preference_args import PreferenceRun, parse_preference_args, preference_args_to_dict, preference_problems

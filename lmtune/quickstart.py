@@ -7,7 +7,7 @@ instruction data (``lmtune.demo``) into training and held-out conversations, ans
 tokenizer's own ChatML format (``--task chat --chat_template tokenizer``), and prints each
 prompt with the base answer, the fine-tuned answer and the expected one. Where no registry can
 be reached it says so in one line and trains lmtune's built-in demo model instead. Like
-``finetune.py`` it is an entry point: it only calls the stages in order.
+``finetuning.py`` it is an entry point: it only calls the stages in order.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def run_quickstart(output_dir: str, extra: list[str], *, fetch: Callable[[], Pat
 def demo_quickstart(output_dir: str, extra: list[str]) -> dict:
     """The offline quick start: lmtune's tiny demo model on the shipped data."""
     from lmtune.demo import build_demo_model, default_demo_dir, demo_data_path
-    from lmtune.finetune import parse_for_model, run_finetune
+    from lmtune.finetuning import parse_for_model, run_finetune
 
     model_dir = build_demo_model(default_demo_dir())
     print(f"lmtune quickstart: model {model_dir}, data {demo_data_path()}")
@@ -107,7 +107,7 @@ def real_model_quickstart(gguf_file: Path, output_dir: str, extra: list[str]) ->
     """Fine-tune the GGUF model on the shipped data; print base and fine-tuned answers to held-out prompts."""
     from peft import PeftModel
 
-    from lmtune.finetune import parse_for_model, run_finetune
+    from lmtune.finetuning import parse_for_model, run_finetune
     from lmtune.model.gguf import resolve_model_path
 
     start = time.monotonic()

@@ -41,17 +41,17 @@ METHOD_FLAGS = {
 @pytest.fixture
 def trainer_with_start(monkeypatch):
     """Keeps the real trainer ``finetune`` builds and a copy of its trainable weights before training."""
-    import lmtune.finetune
+    import lmtune.finetuning
 
     seen: dict = {}
-    real = lmtune.finetune.build_trainer
+    real = lmtune.finetuning.build_trainer
 
     def spy(model, *args, **kwargs):
         seen["start"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         seen["trainer"] = real(model, *args, **kwargs)
         return seen["trainer"]
 
-    monkeypatch.setattr(lmtune.finetune, "build_trainer", spy)
+    monkeypatch.setattr(lmtune.finetuning, "build_trainer", spy)
     return seen
 
 
@@ -59,7 +59,7 @@ def trainer_with_start(monkeypatch):
 @pytest.mark.parametrize("method", list(METHOD_FLAGS))
 def test_every_method_trains_only_its_own_weights_on_llama(method, tiny_llama_dir, alpaca_file, tmp_path,
                                                            trainer_with_start):
-    from lmtune.finetune import finetune
+    from lmtune.finetuning import finetune
 
     out = tmp_path / "out"
     flags = dict(model_name_or_path=str(tiny_llama_dir), train_file=str(alpaca_file), output_dir=str(out),
@@ -115,7 +115,7 @@ def test_reference_defaults_and_adapter_layers_capped_with_a_notice(caplog):
 
 
 def test_combinations_peft_cannot_do_fail_before_training(tmp_path, tiny_llama_dir, alpaca_file):
-    from lmtune.finetune import finetune
+    from lmtune.finetuning import finetune
 
     with pytest.raises(ConfigError, match="LLaMA-Adapter supports model types gpt2, llama, mistral; this model is "
                                           "'falcon'. Use --peft lora"):

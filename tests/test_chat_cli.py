@@ -56,7 +56,7 @@ class RecordingStreamer(BaseStreamer):
 @pytest.fixture(scope="module")
 def chat_run(tiny_llama_dir, tmp_path_factory):
     """An adapter trained with --task chat and a Jinja chat template file (5 steps on the tiny model)."""
-    from lmtune.finetune import finetune
+    from lmtune.finetuning import finetune
 
     root = tmp_path_factory.mktemp("chat-run")
     template = root / "chatml.jinja"
@@ -301,7 +301,7 @@ def test_prompt_format_errors(tiny_llama_dir, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def completion_run(tiny_llama_dir, demo_records, tmp_path_factory):
     """An adapter trained with --task completion on Alpaca records (3 steps on the tiny model)."""
-    from lmtune.finetune import finetune
+    from lmtune.finetuning import finetune
 
     root = tmp_path_factory.mktemp("completion-run")
     data = root / "alpaca.json"

@@ -195,7 +195,6 @@ SHAREGPT = {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", 
 
 
 @pytest.mark.parametrize("good, bad, problem", [
-    ({"messages": CONVERSATION[1:3]}, {"messages": []}, "the conversation is empty"),
     ({"messages": CONVERSATION[1:3]}, {"messages": [{"role": "user"}, CONVERSATION[2]]},
      "message 0: field 'content' is missing (or null); expected a string"),
     ({"messages": CONVERSATION[1:3]}, {"messages": CONVERSATION[1:2]},

@@ -11,7 +11,7 @@ import pytest
 from lmtune.cli import main
 from lmtune.errors import ConfigError
 from lmtune.export.compare import compare_runs, render_report, write_report
-from lmtune.finetune import finetune
+from lmtune.finetuning import finetune
 
 pytestmark = pytest.mark.slow  # three real runs (~40 s together)
 

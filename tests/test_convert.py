@@ -164,7 +164,7 @@ def _records(pairs):
 
 @pytest.mark.slow
 def test_lora_teaches_the_converted_model_a_new_style(converted, tmp_path, trainer_spy):
-    from lmtune.finetune import finetune
+    from lmtune.finetuning import finetune
 
     (tmp_path / "train.json").write_text(json.dumps(_records(STYLE)))
     (tmp_path / "held_out.json").write_text(json.dumps(_records(HELD_OUT)))

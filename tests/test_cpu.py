@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-import lmtune.finetune as finetune_module
+import lmtune.finetuning as finetune_module
 from lmtune.args import parse_args
 from lmtune.cli import main_clm
 from lmtune.model.upcast import UpcastLinear, upcast_compute

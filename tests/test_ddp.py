@@ -110,11 +110,11 @@ def test_a_different_global_batch_trains_a_different_adapter(reference, tiny_lla
 COUNTING_ENTRY = """
     import json, os, sys
     import lmtune.data.pipeline
-    import lmtune.finetune
+    import lmtune.finetuning
     from lmtune.cli import main_clm
 
     tokenize, build_trainer, calls, trainers = (lmtune.data.pipeline.tokenize_segment_batch,
-                                                lmtune.finetune.build_trainer, [], [])
+                                                lmtune.finetuning.build_trainer, [], [])
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -125,7 +125,7 @@ COUNTING_ENTRY = """
         return trainers[-1]
 
     lmtune.data.pipeline.tokenize_segment_batch = counted  # the real function, counted per rank
-    lmtune.finetune.build_trainer = kept  # the real trainer, kept to read its DDP wrapper
+    lmtune.finetuning.build_trainer = kept  # the real trainer, kept to read its DDP wrapper
     code = main_clm(sys.argv[1:])
     wrapper = trainers[0].model_wrapped
     with open(os.path.join(os.environ["COUNT_DIR"], f"rank{os.environ['RANK']}.json"), "w") as out:

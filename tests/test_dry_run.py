@@ -15,7 +15,7 @@ from lmtune.data.formats import alpaca_prompt
 from lmtune.data.render import IGNORE_INDEX, RenderStats
 from lmtune.data.report import build_data_report, estimate_steps, format_data_report, mark_supervised
 from lmtune.errors import ConfigError, DataFormatError
-from lmtune.finetune import finetune
+from lmtune.finetuning import finetune
 
 
 @pytest.fixture
@@ -105,10 +105,15 @@ def test_dry_run_respects_log_level(config_only_model, alpaca_file, tmp_path, ca
     assert "records     40 read" in capsys.readouterr().out  # the report itself is the command's output
 
 
-def test_dry_run_needs_train_or_eval(config_only_model, alpaca_file, tmp_path):
-    with pytest.raises(ConfigError, match="--dry_run prepared no data.*add --do_train"):
-        finetune(model_name_or_path=str(config_only_model), train_file=str(alpaca_file),
-                 output_dir=str(tmp_path / "o"), dry_run=True, report_to="none")
+def test_dry_run_without_do_train_reports_the_training_data(config_only_model, alpaca_file, tmp_path):
+    """The reference's command lines without --do_train: a bare --dry_run shows what training would see."""
+    metrics = finetune(model_name_or_path=str(config_only_model), train_file=str(alpaca_file),
+                       output_dir=str(tmp_path / "o"), dry_run=True, report_to="none")
+    assert metrics["dry_run_train_records"] == 40 and metrics["dry_run_steps"] > 0
+    assert not any(key.startswith("dry_run_validation") for key in metrics)
+    eval_only = finetune(model_name_or_path=str(config_only_model), validation_file=str(alpaca_file),
+                         output_dir=str(tmp_path / "o"), dry_run=True, do_eval=True, report_to="none")
+    assert eval_only["dry_run_validation_records"] == 40 and "dry_run_train_records" not in eval_only
 
 
 # --- the report on hand-made prepared data ------------------------------------------------------------

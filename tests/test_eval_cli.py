@@ -12,7 +12,7 @@ from lmtune.cli import main
 from lmtune.data.prepare import RenderSettings, prepare_data
 from lmtune.errors import ConfigError
 from lmtune.evaluate.command import dataset_perplexity, parse_eval_args
-from lmtune.finetune import finetune
+from lmtune.finetuning import finetune
 from tiny_t5 import save_tiny_t5
 
 

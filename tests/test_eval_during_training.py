@@ -16,7 +16,7 @@ from lmtune.errors import ConfigError
 from lmtune.evaluate.in_training import combine
 from lmtune.evaluate.mbpp import load_mbpp, mbpp_problem
 from lmtune.evaluate.humaneval import check_completion
-from lmtune.finetune import finetune
+from lmtune.finetuning import finetune
 
 from conftest import write_jsonl
 

@@ -148,16 +148,16 @@ def train_flags(family: Family, model_dir: Path, tokenizer_name: str | None, dat
 @pytest.fixture
 def trainer_spy(monkeypatch):
     """Keeps every trainer ``finetune`` builds (the real one, unchanged) so tests can read its model."""
-    import lmtune.finetune
+    import lmtune.finetuning
 
     built = []
-    real = lmtune.finetune.build_trainer
+    real = lmtune.finetuning.build_trainer
 
     def spy(*args, **kwargs):
         built.append(real(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(lmtune.finetune, "build_trainer", spy)
+    monkeypatch.setattr(lmtune.finetuning, "build_trainer", spy)
     return built
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lmtune.cli import main, main_clm
-from lmtune.finetune import finetune
+from lmtune.finetuning import finetune
 
 
 def base_flags(model_dir, data, out, *extra):

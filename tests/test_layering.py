@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lmtune"
 # stage -> lmtune modules it must never import. The commands that use a trained model (evaluate,
 # chat, export) take flat values: they never import the fine-tuning arguments (``args``) or ``train``;
 # what a run wrote about itself comes from ``lmtune.run_record``, a model for use from ``model.inference``.
-ENTRY_POINTS = ("cli", "finetune", "launch")
+ENTRY_POINTS = ("cli", "finetuning", "preference", "launch")
 FORBIDDEN = {
     "data": ("model", "train", "evaluate", "export", "chat", "serve", "args", *ENTRY_POINTS),
     "model": ("train", "evaluate", "export", "chat", "serve", "args", *ENTRY_POINTS),

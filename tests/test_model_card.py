@@ -15,7 +15,7 @@ from lmtune.args import args_to_dict, parse_args
 from lmtune.errors import ConfigError
 from lmtune.export.model_card import write_model_card, write_run_summary
 from lmtune.export.plots import loss_points, plot_loss_curve
-from lmtune.finetune import finetune
+from lmtune.finetuning import finetune
 from lmtune.run_record import write_run_args
 
 LOG_HISTORY = [

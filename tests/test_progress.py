@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM, Trainer, TrainerControl, TrainerState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lmtune.errors import ConfigError
-from lmtune.finetune import finetune
+from lmtune.finetuning import finetune
 from lmtune.train import progress
 from lmtune.train.progress import (
     LogLinesCallback,

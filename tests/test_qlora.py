@@ -22,11 +22,11 @@ needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes >= 0.46 (CPU b
 
 @pytest.fixture
 def trainer_spy(monkeypatch):
-    import lmtune.finetune
+    import lmtune.finetuning
 
     built = []
-    real = lmtune.finetune.build_trainer
-    monkeypatch.setattr(lmtune.finetune, "build_trainer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    real = lmtune.finetuning.build_trainer
+    monkeypatch.setattr(lmtune.finetuning, "build_trainer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     return built
 
 
@@ -41,7 +41,7 @@ def test_quantization_config_carries_every_flag_once():
 
 
 def test_unrunnable_requests_say_what_would_work(monkeypatch, tiny_llama_dir, alpaca_file, tmp_path):
-    from lmtune.finetune import finetune
+    from lmtune.finetuning import finetune
 
     monkeypatch.setattr(quantize, "_bitsandbytes_version", lambda: None)
     with pytest.raises(UnsupportedError, match=r"--qlora needs bitsandbytes.*pip install 'bitsandbytes>=0.46'"):
@@ -69,7 +69,7 @@ def test_qlora_trains_a_lora_adapter_on_a_quantized_base(bits, quant_type, doubl
                                                          alpaca_file, tmp_path, trainer_spy):
     import bitsandbytes as bnb
 
-    from lmtune.finetune import finetune
+    from lmtune.finetuning import finetune
 
     out = tmp_path / "out"
     metrics = finetune(

@@ -22,7 +22,7 @@ from transformers import T5Config
 
 from lmtune.args import args_to_dict, parse_args
 from lmtune.errors import ConfigError
-from lmtune.finetune import run_finetune
+from lmtune.finetuning import run_finetune
 from tests.conftest import PROJECT_ROOT, SHARED_DATA, require_reference_page, require_shared_data
 
 EXAMPLES = PROJECT_ROOT / "examples"

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmtune.finetune import parse_for_model, run_finetune
+from lmtune.finetuning import parse_for_model, run_finetune
 from lmtune.train.checkpointing import COMPLETE_MARKER
 
 from conftest import PROJECT_ROOT

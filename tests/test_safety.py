@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import lmtune.finetune as finetune_module
+import lmtune.finetuning as finetune_module
 from lmtune.args import parse_args
 from lmtune.cli import EXIT_USER_ERROR, main_clm
 from lmtune.errors import ConfigError
-from lmtune.finetune import parse_for_model, run_finetune
+from lmtune.finetuning import parse_for_model, run_finetune
 from lmtune.model.load import load_config, load_model, load_tokenizer
 from lmtune.train.checkpointing import COMPLETE_MARKER, CheckpointSaveError
 

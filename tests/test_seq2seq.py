@@ -25,7 +25,7 @@ from lmtune.data.seq2seq import (
 )
 from lmtune.data.summarization import SUMMARIZE_INSTRUCTION, summarization_prompts
 from lmtune.errors import ConfigError, DataFormatError
-from lmtune.finetune import finetune
+from lmtune.finetuning import finetune
 from lmtune.model.load import load_tokenizer
 from tiny_t5 import EOS_ID, PAD_ID, build_t5_tokenizer, save_tiny_t5
 

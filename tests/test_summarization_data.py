@@ -107,7 +107,7 @@ def test_cnn_dailymail_stand_in_and_small_file(tokenizer, shared_data):
 
 @pytest.mark.slow
 def test_finetune_summarization_end_to_end(tiny_llama_dir, tmp_path):
-    from lmtune.finetune import finetune
+    from lmtune.finetuning import finetune
 
     records = [{"article": f"{ARTICLE} Item {i}.", "highlights": f"Park {i}.", "id": str(i)} for i in range(8)]
     data = write_jsonl(tmp_path / "sum.jsonl", records)

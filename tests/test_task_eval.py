@@ -32,7 +32,7 @@ from lmtune.evaluate.tasks import (
     plan_evaluations,
 )
 from lmtune.evaluate.truthfulqa import load_truthfulqa, load_truthfulqa_csv, split_answers
-from lmtune.finetune import finetune
+from lmtune.finetuning import finetune
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM, TrainingArguments
 
-import lmtune.finetune
+import lmtune.finetuning
 from conftest import tiny_llama_config
 from lmtune.cli import main_clm
 from lmtune.model.adapters import AdapterSettings, apply_adapter
@@ -110,7 +110,7 @@ def test_hub_token_never_reaches_the_output_dir(tiny_llama_dir, alpaca_file, tmp
         kept["trainer"] = build_trainer(*args, **kwargs)
         return kept["trainer"]
 
-    monkeypatch.setattr(lmtune.finetune, "build_trainer", keep)
+    monkeypatch.setattr(lmtune.finetuning, "build_trainer", keep)
     out = tmp_path / "out"
     assert main_clm([
         "--model_name_or_path", str(tiny_llama_dir), "--train_file", str(alpaca_file), "--output_dir", str(out),

@@ -15,6 +15,7 @@ from transformers import HfArgumentParser
 
 from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError
+from lmtune.model.base_model import resolve_base_model
 
 PromptFormat = Literal["auto", "chat", "completion"]
 
@@ -22,7 +23,7 @@ PromptFormat = Literal["auto", "chat", "completion"]
 @dataclass
 class ChatArguments:
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Base model directory or hub id (required)."}
+        default=None, metadata={"help": "Base model directory or hub id (default: the one --adapter was trained on)."}
     )
     adapter: str | None = field(
         default=None, metadata={"help": "Adapter directory written by lmtune finetune (PEFT format), loaded on top."}
@@ -89,6 +90,5 @@ def parse_chat_args(argv: list[str]) -> ChatArguments:
         ConfigError: for unknown flags (with a did-you-mean), bad values or a missing model.
     """
     args = parse_command_flags(ChatArguments, argv, "lmtune chat")
-    if not args.model_name_or_path:
-        raise ConfigError("--model_name_or_path is required: the base model the adapter was trained on.")
+    args.model_name_or_path = resolve_base_model(args.model_name_or_path, args.adapter, "lmtune chat")
     return args

@@ -206,7 +206,7 @@ def choose_chat_format(args: ChatArguments, tokenizer: PreTrainedTokenizerBase, 
 
 def _trained_template(trained: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The recorded ``--chat_template``; for a Jinja file that has since moved, the copy that
-    training saved into the run's tokenizer (``finetune.py``), which is the same template."""
+    training saved into the run's tokenizer (``finetuning.py``), which is the same template."""
     recorded = trained.get("chat_template")
     if not names_template_file(recorded) or Path(recorded).is_file():
         return recorded

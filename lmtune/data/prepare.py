@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmtune.data.chat import chat_rows
 from lmtune.data.formats import check_records, instruction_segments
+from lmtune.data.empty_records import drop_empty_records
 from lmtune.data.packing import PackingStats, pack_examples
 from lmtune.data.pipeline import MapSettings, RowFormat, render_dataset
 from lmtune.data.render import RenderStats, require_eos
@@ -41,6 +42,7 @@ class RenderSettings:
     train_on_inputs: bool = False
     skip_invalid_records: bool = False
     chat_template: str | None = None
+    strict_records: bool = False
 
 
 # A renderer checks one split's raw records and says how each becomes segments (the task's RowFormat).
@@ -204,7 +206,8 @@ def prepare_data(
     mapping = MapSettings(num_proc=preprocessing_num_workers, cache_dir=dataset_cache_directory,
                           overwrite_cache=overwrite_cache, keep_in_memory=keep_in_memory, cacheable=not streaming)
     if need_train and "train" in splits:
-        raw = _head(splits["train"], max_train_samples)
+        raw = drop_empty_records(_head(splits["train"], max_train_samples), task=task, source=source,
+                                 strict=settings.strict_records)
         prepared.train, prepared.stats["train"] = render_dataset(
             raw, renderer(raw, source, tokenizer, settings), tokenizer, mapping, description="tokenizing train"
         )
@@ -215,7 +218,8 @@ def prepare_data(
             logger.info("train: %s.", prepared.packing.describe())
             prepared.train = datasets.Dataset.from_dict(samples)
     if need_validation:
-        raw = _head(splits["validation"], max_eval_samples)
+        raw = drop_empty_records(_head(splits["validation"], max_eval_samples), task=task,
+                                 source=validation_file or source, strict=settings.strict_records)
         prepared.validation, prepared.stats["validation"] = render_dataset(
             raw, renderer(raw, validation_file or source, tokenizer, settings), tokenizer, mapping,
             description="tokenizing validation",

@@ -37,6 +37,7 @@ from lmtune.evaluate.tasks import (
     evaluate_summarization,
     score_reference_solutions,
 )
+from lmtune.model.base_model import recorded_base_model
 from lmtune.model.inference import load_for_use
 from lmtune.model.load import is_seq2seq
 
@@ -54,7 +55,9 @@ class EvalArguments:
                   "truthfulqa or lm-eval (--lm_eval_tasks), perplexity (eval loss on --validation_file)."},
     )
     output_dir: str | None = field(default=None, metadata={"help": "Where eval_results.json is written (required)."})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Base model directory or hub id."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base model directory or hub id (default: the one --adapter was trained on)."}
+    )
     adapter: str | None = field(default=None, metadata={"help": "Adapter directory (PEFT format) loaded on top."})
     validation_file: str | None = field(default=None, metadata={"help": "Records to evaluate on (json, jsonl, ...)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Dataset directory or hub id instead."})
@@ -117,6 +120,8 @@ def parse_eval_args(argv: list[str]) -> EvalArguments:
         ConfigError: for unknown flags (with a did-you-mean), bad values, or a missing required flag.
     """
     args = parse_command_flags(EvalArguments, argv, "lmtune eval")
+    if not args.model_name_or_path and args.adapter:
+        args.model_name_or_path = recorded_base_model(args.adapter)
     problems = _problems(args)
     if problems:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
@@ -134,8 +139,8 @@ def _problems(args: EvalArguments) -> list[str]:
     if args.reference_solutions and not (humaneval or args.task == "mbpp"):
         problems.append("--reference_solutions applies to --task humaneval or mbpp")
     if not args.model_name_or_path and not ((humaneval or args.task == "mbpp") and args.reference_solutions):
-        problems.append("--model_name_or_path is required (only --task humaneval --reference_solutions runs "
-                        "without a model)")
+        problems.append("--model_name_or_path is required unless --adapter records its base model (only --task "
+                        "humaneval or mbpp --reference_solutions runs without a model)")
     if humaneval and not args.humaneval_file:
         problems.append("--task humaneval needs --humaneval_file HumanEval.jsonl.gz")
     if args.task == "mbpp" and not args.mbpp_file:

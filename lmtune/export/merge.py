@@ -25,8 +25,9 @@ from transformers import HfArgumentParser
 
 from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError
+from lmtune.model.base_model import resolve_base_model
 from lmtune.model.inference import load_for_use
-from lmtune.run_record import ARGS_FILE, recorded_base_model, write_json
+from lmtune.run_record import ARGS_FILE, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +79,7 @@ def resolve_base(adapter: Path, base: str | None) -> str:
     Raises:
         ConfigError: when none of them names a base model.
     """
-    if base:
-        return base
-    recorded = recorded_base_model(adapter) or _adapter_config(adapter).get("base_model_name_or_path")
-    if recorded:
-        return recorded
-    raise ConfigError(f"--adapter {adapter} does not record its base model; pass --model_name_or_path BASE.")
+    return resolve_base_model(base, adapter, "lmtune merge")
 
 
 def _check_mergeable(adapter_config: dict, adapter: Path) -> None:

@@ -43,6 +43,7 @@ from lmtune.model.load import (
     load_tokenizer,
     resolve_dtype,
 )
+from lmtune.model.base_model import absolute_model_path
 from lmtune.model.upcast import upcast_compute
 from lmtune.train.distributed import check_device, fsdp_notice, setup_process
 from lmtune.train.checkpointing import StopOnSignal
@@ -81,6 +82,14 @@ def _with_device(args: ParsedArgs) -> ParsedArgs:
     if device == "cpu" and not args.training.use_cpu:
         args.training = dataclasses.replace(args.training, use_cpu=True)
     return args
+
+
+def _record_absolute_paths(args: ParsedArgs) -> None:
+    """A local base model is loaded, and so recorded (``lmtune_args.json``, peft's ``adapter_config.json``),
+    by its absolute path: chat, eval and merge then find it from any directory."""
+    model = args.model
+    for name in ("model_name_or_path", "tokenizer_name", "config_name"):
+        setattr(model, name, absolute_model_path(getattr(model, name)))
 
 
 def _check_cpu_bf16(args: ParsedArgs) -> tuple[ParsedArgs, bool]:
@@ -132,6 +141,7 @@ def _prepare(args: ParsedArgs, tokenizer, *, seq2seq: bool) -> PreparedData:
         max_seq_length=data.max_seq_length, max_source_length=data.max_source_length,
         max_target_length=data.max_target_length, train_on_inputs=ft.train_on_inputs,
         skip_invalid_records=data.skip_invalid_records, chat_template=ft.chat_template,
+        strict_records=data.strict_records,
     )
     inputs = dict(
         task=ft.task, train_file=data.train_file, validation_file=data.validation_file,
@@ -280,7 +290,10 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     """
     phases = StartupPhases()  # logged at --log_level debug after the first step
     phases.mark("imports and argument parsing")
+    if args.finetune.dry_run and not (args.training.do_train or args.training.do_eval):
+        args.training.do_train = True  # a bare --dry_run reports what training would see
     validate_args(args)
+    _record_absolute_paths(args)
     _check_model_flags(args)
     check_task_evaluation(task_eval_settings(args))
     check_report_to(args.training.report_to)
