@@ -121,10 +121,6 @@ def check_family(config: PretrainedConfig, source: str) -> None:
     if rope.get("rope_type", "default") not in ("default", "linear"):
         raise UnsupportedError(f"{source}: rotary scaling '{rope['rope_type']}' is not supported for GGUF export "
                                "(supported: none, linear).")
-    window = getattr(config, "sliding_window", None)
-    if window and window < config.max_position_embeddings:
-        logger.warning("%s attends to a sliding window of %d tokens; llama.cpp's llama graph attends to the whole "
-                       "context, so outputs agree only up to %d tokens.", source, window, window)
 
 
 def export_gguf(
@@ -213,7 +209,12 @@ def write_gguf(model_dir: Path, output: Path, *, dtype: str = "f16", name: str |
     """
     config = AutoConfig.from_pretrained(model_dir)
     check_family(config, str(model_dir))
-    writer = GGUFWriter(output, MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA])
+    window = getattr(config, "sliding_window", None)
+    if window and window < config.max_position_embeddings:
+        logger.warning("%s attends to a sliding window of %d tokens; llama.cpp's llama graph attends to the whole "
+                       "context, so outputs agree only up to %d tokens.", model_dir, window, window)
+    # Spooled to a temporary file as they come: the writer would otherwise hold every tensor in memory.
+    writer = GGUFWriter(output, MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA], use_temp_file=True)
     writer.add_name(name or model_dir.name)
     writer.add_file_type(FILE_TYPES[dtype])
     if dtype == "q8_0":
@@ -227,7 +228,6 @@ def write_gguf(model_dir: Path, output: Path, *, dtype: str = "f16", name: str |
     writer.write_tensors_to_file()
     writer.close()
     return output
-
 
 
 def _head_dim(config: PretrainedConfig) -> int:
