@@ -274,3 +274,49 @@ def test_modelfile_templates_render_the_jinja_prompt_in_gos_template_engine(kind
                               text=True, check=True, env=env, timeout=300).stdout
     expected = Template(jinja).render(messages=messages, add_generation_prompt=True, eos_token="</s>")
     assert rendered == expected
+
+
+def test_vocabulary_is_padded_to_the_embedding_rows_and_never_truncated(tiny_llama_dir, tokenizer):
+    from lmtune.export.gguf_vocab import read_vocab
+
+    vocab = read_vocab(tiny_llama_dir, len(tokenizer) + 3)
+    assert vocab.tokens[-3:] == [f"[PAD{len(tokenizer) + i}]" for i in range(3)] and vocab.types[-3:] == [5, 5, 5]
+    with pytest.raises(UnsupportedError, match=rf"has {len(tokenizer)} tokens but the model only 100 embedding rows"):
+        read_vocab(tiny_llama_dir, 100)
+
+
+@pytest.mark.parametrize(("model", "pre_tokenizer", "message"), [
+    ("unigram", None, "a Unigram tokenizer is not supported for GGUF export"),
+    ("bpe", "whitespace", "the pre-tokenizer .*Whitespace.* has no llama.cpp equivalent"),
+])
+def test_tokenizers_llama_cpp_cannot_reproduce_are_refused(model, pre_tokenizer, message, tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from lmtune.export.gguf_vocab import read_vocab
+
+    backend = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0) if model == "unigram"
+                        else models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")]))
+    backend.decoder = decoders.ByteLevel()
+    if pre_tokenizer:
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UnsupportedError, match=message):
+        read_vocab(tmp_path, 8)
+
+
+def test_rotary_scaling_is_written_when_linear_and_refused_otherwise():
+    from gguf import GGUFWriter
+
+    from lmtune.export.gguf import add_hyperparameters, check_family
+
+    linear = tiny_llama_config(64, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    check_family(linear, "linear")
+    writer = GGUFWriter(None, "llama")
+    add_hyperparameters(writer, linear)
+    kv = {key: value.value for key, value in writer.kv_data[0].items()}
+    assert kv["llama.rope.scaling.type"] == "linear" and kv["llama.rope.scaling.factor"] == 4.0
+    assert kv["llama.rope.freq_base"] == 10000.0 and kv["llama.rope.dimension_count"] == 4
+    yarn = tiny_llama_config(64, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                "original_max_position_embeddings": 128})
+    with pytest.raises(UnsupportedError, match="rotary scaling 'yarn' is not supported for GGUF export"):
+        check_family(yarn, "yarn")
