@@ -320,3 +320,52 @@ def test_rotary_scaling_is_written_when_linear_and_refused_otherwise():
                                                 "original_max_position_embeddings": 128})
     with pytest.raises(UnsupportedError, match="rotary scaling 'yarn' is not supported for GGUF export"):
         check_family(yarn, "yarn")
+
+
+def _byte_level_tokenizer(pre_tokenizer, texts: list[str]):
+    """A byte-level BPE like the demo tokenizer, with another pre-tokenizer (SmolLM2's, LLaMA-3's)."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>", clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe"])
+def test_byte_level_pre_tokenizers_round_trip(pre, demo_records, tmp_path):
+    from tokenizers import Regex, pre_tokenizers
+
+    from lmtune.export.gguf_vocab import _LLAMA3_SPLIT
+
+    shapes = {
+        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+        "llama-bpe": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    }
+    texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in demo_records]
+    tokenizer = _byte_level_tokenizer(shapes[pre], [*texts, "In 2024, 12345 + 678 = 13023."])
+    base = tmp_path / "base"
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                     ).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    out = export_gguf(tmp_path / "model.gguf", base=str(base), dtype="f32", modelfile=False)
+
+    assert GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == pre
+    gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    for text in [*TEXTS, "In 2024, 12345 + 678 = 13023.", "  two spaces\n\nand lines"]:
+        assert gguf_tokenizer(text).input_ids == tokenizer(text).input_ids
