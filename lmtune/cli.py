@@ -158,15 +158,21 @@ def _export(argv: list[str]) -> int:
             raise ConfigError(f"lmtune export: unknown format '{argv[0]}'; formats:\n{listing}")
         print(f"usage: lmtune export FORMAT [FLAGS]\n\nformats:\n{listing}")
         return 0 if argv else EXIT_USER_ERROR
-    from lmtune.export.gguf import build_export_gguf_parser, export_gguf, parse_export_gguf_args
+    from lmtune.export.gguf import (
+        build_export_gguf_parser,
+        export_gguf,
+        parse_export_gguf_args,
+    )
+    from lmtune.export.modelfile import modelfile_path
 
     if any(a in ("-h", "--help") for a in argv[1:]):
         build_export_gguf_parser().print_help()
         return 0
     args = parse_export_gguf_args(argv[1:])
     out = export_gguf(args.output, base=args.model_name_or_path, adapter=args.adapter, dtype=args.dtype,
-                      overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
-    print(f"lmtune export: wrote {out} ({args.dtype})")
+                      overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, modelfile=args.modelfile)
+    ollama = f"; for Ollama: ollama create NAME -f {modelfile_path(out)}" if args.modelfile else ""
+    print(f"lmtune export: wrote {out} ({args.dtype}){ollama}")
     return 0
 
 

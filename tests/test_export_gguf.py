@@ -13,6 +13,10 @@ is measured in the realmodel test).
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +196,176 @@ def test_adapter_of_another_base_is_refused(tmp_path, tokenizer, tiny_llama_dir)
     with pytest.raises(ConfigError, match=r"does not fit the base model .*wider.*size mismatch"):
         export_gguf(tmp_path / "model.gguf", base=str(other), adapter=adapter)
     assert not (tmp_path / "model.gguf").exists()
+
+
+def test_modelfile_spells_the_neuralchat_format_for_ollama(tiny_llama_dir, tmp_path):
+    out = export_gguf(tmp_path / "tiny.gguf", base=str(tiny_llama_dir), dtype="f32")
+    text = (tmp_path / "tiny.Modelfile").read_text()
+    assert text.startswith("FROM ./tiny.gguf\nTEMPLATE \"\"\"")
+    assert ':\n{{ .Content }}</s>\n{{ end }}### Assistant:\n"""' in text
+    assert text.endswith('PARAMETER stop "</s>"\nPARAMETER stop "### User:"\n')
+    out.unlink()  # the GGUF is gone, but its Modelfile is still the user's
+    with pytest.raises(ConfigError, match=r"tiny\.Modelfile exists; .* --no_modelfile"):
+        export_gguf(out, base=str(tiny_llama_dir), dtype="f32")
+
+
+def test_modelfile_for_chatml_and_for_an_unknown_template(tiny_llama_dir, tmp_path):
+    from lmtune.export.modelfile import render_modelfile
+
+    base = tmp_path / "chatml"
+    LlamaForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
+                               "+ '<|im_end|>\\n' }}{% endfor %}")
+    tokenizer.save_pretrained(base)
+    out = export_gguf(tmp_path / "chatml.gguf", base=str(base), dtype="f32", modelfile=False)
+    assert not (tmp_path / "chatml.Modelfile").exists()
+    text = render_modelfile(out)
+    assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n" in text
+    assert text.endswith('PARAMETER stop "<|im_start|>"\nPARAMETER stop "<|im_end|>"\n')
+
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    tokenizer.save_pretrained(base)
+    out = export_gguf(tmp_path / "other.gguf", base=str(base), dtype="f32", modelfile=False)
+    assert render_modelfile(out) == 'FROM ./other.gguf\nPARAMETER stop "</s>"\n'  # Ollama reads the template
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+func main() {
+	var input struct {
+		Template string
+		Messages []Message
+	}
+	json.NewDecoder(os.Stdin).Decode(&input)
+	template.Must(template.New("t").Parse(input.Template)).Execute(os.Stdout, map[string]any{"Messages": input.Messages})
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="no Go toolchain to run Ollama's template engine (text/template)")
+@pytest.mark.parametrize("kind", ["chatml", "neuralchat"])
+def test_modelfile_templates_render_the_jinja_prompt_in_gos_template_engine(kind, tmp_path):
+    """Ollama renders TEMPLATE with Go's text/template: it must give the prompt the Jinja template gives."""
+    from jinja2 import Template
+
+    from lmtune.demo import NEURALCHAT_CHAT_TEMPLATE
+    from lmtune.export.modelfile import CHATML_TEMPLATE, NEURALCHAT_TEMPLATE
+
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{{ '<|im_start|>assistant\\n' }}")
+    go_template, jinja = {"chatml": (CHATML_TEMPLATE, chatml),
+                          "neuralchat": (NEURALCHAT_TEMPLATE.replace("{eos}", "</s>"), NEURALCHAT_CHAT_TEMPLATE)}[kind]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    stdin = json.dumps({"Template": go_template, "Messages": [{"Role": m["role"], "Content": m["content"]}
+                                                              for m in messages]})
+    env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath")}
+    rendered = subprocess.run(["go", "run", str(tmp_path / "render.go")], input=stdin, capture_output=True,
+                              text=True, check=True, env=env, timeout=300).stdout
+    expected = Template(jinja).render(messages=messages, add_generation_prompt=True, eos_token="</s>")
+    assert rendered == expected
+
+
+def test_vocabulary_is_padded_to_the_embedding_rows_and_never_truncated(tiny_llama_dir, tokenizer):
+    from lmtune.export.gguf_vocab import read_vocab
+
+    vocab = read_vocab(tiny_llama_dir, len(tokenizer) + 3)
+    assert vocab.tokens[-3:] == [f"[PAD{len(tokenizer) + i}]" for i in range(3)] and vocab.types[-3:] == [5, 5, 5]
+    with pytest.raises(UnsupportedError, match=rf"has {len(tokenizer)} tokens but the model only 100 embedding rows"):
+        read_vocab(tiny_llama_dir, 100)
+
+
+@pytest.mark.parametrize(("model", "pre_tokenizer", "message"), [
+    ("unigram", None, "a Unigram tokenizer is not supported for GGUF export"),
+    ("bpe", "whitespace", "the pre-tokenizer .*Whitespace.* has no llama.cpp equivalent"),
+])
+def test_tokenizers_llama_cpp_cannot_reproduce_are_refused(model, pre_tokenizer, message, tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from lmtune.export.gguf_vocab import read_vocab
+
+    backend = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0) if model == "unigram"
+                        else models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")]))
+    backend.decoder = decoders.ByteLevel()
+    if pre_tokenizer:
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UnsupportedError, match=message):
+        read_vocab(tmp_path, 8)
+
+
+def test_rotary_scaling_is_written_when_linear_and_refused_otherwise():
+    from gguf import GGUFWriter
+
+    from lmtune.export.gguf import add_hyperparameters, check_family
+
+    linear = tiny_llama_config(64, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    check_family(linear, "linear")
+    writer = GGUFWriter(None, "llama")
+    add_hyperparameters(writer, linear)
+    kv = {key: value.value for key, value in writer.kv_data[0].items()}
+    assert kv["llama.rope.scaling.type"] == "linear" and kv["llama.rope.scaling.factor"] == 4.0
+    assert kv["llama.rope.freq_base"] == 10000.0 and kv["llama.rope.dimension_count"] == 4
+    yarn = tiny_llama_config(64, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                "original_max_position_embeddings": 128})
+    with pytest.raises(UnsupportedError, match="rotary scaling 'yarn' is not supported for GGUF export"):
+        check_family(yarn, "yarn")
+
+
+def _byte_level_tokenizer(pre_tokenizer, texts: list[str]):
+    """A byte-level BPE like the demo tokenizer, with another pre-tokenizer (SmolLM2's, LLaMA-3's)."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>", clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe"])
+def test_byte_level_pre_tokenizers_round_trip(pre, demo_records, tmp_path):
+    from tokenizers import Regex, pre_tokenizers
+
+    from lmtune.export.gguf_vocab import _LLAMA3_SPLIT
+
+    shapes = {
+        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+        "llama-bpe": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    }
+    texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in demo_records]
+    tokenizer = _byte_level_tokenizer(shapes[pre], [*texts, "In 2024, 12345 + 678 = 13023."])
+    base = tmp_path / "base"
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                     ).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    out = export_gguf(tmp_path / "model.gguf", base=str(base), dtype="f32", modelfile=False)
+
+    assert GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == pre
+    gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    for text in [*TEXTS, "In 2024, 12345 + 678 = 13023.", "  two spaces\n\nand lines"]:
+        assert gguf_tokenizer(text).input_ids == tokenizer(text).input_ids

@@ -109,6 +109,8 @@ def test_smollm2_with_adapter_round_trips(smollm2_gguf, smollm2_dir, smollm2_ada
         assert gguf_tokenizer(text).input_ids == tokenizer(text).input_ids
     assert gguf_tokenizer.chat_template == tokenizer.chat_template
     _assert_metadata_matches_llama_cpps_own_file(_fields(out), _fields(smollm2_gguf))
+    modelfile = (tmp_path / "smollm2.Modelfile").read_text()
+    assert modelfile.startswith("FROM ./smollm2.gguf\nTEMPLATE") and 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
 def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:

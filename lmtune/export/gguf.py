@@ -45,6 +45,7 @@ from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError, UnsupportedError
 from lmtune.export.gguf_vocab import add_vocab
 from lmtune.export.merge import merge_adapter, resolve_base
+from lmtune.export.modelfile import modelfile_path, write_modelfile
 from lmtune.model.load import (
     fit_embeddings_to_tokenizer,
     load_config,
@@ -69,7 +70,10 @@ class ExportGgufArguments:
     dtype: Literal["f32", "f16", "q8_0"] = field(
         default="f16", metadata={"help": "Storage of the matrices: f32, f16 or q8_0 (8-bit blocks); norms stay f32."}
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output file."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output file (and Modelfile)."})
+    modelfile: bool = field(
+        default=True, metadata={"help": "Also write an Ollama Modelfile beside the file (FILE.Modelfile)."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code shipped with the base."})
 
 
@@ -90,14 +94,17 @@ def parse_export_gguf_args(argv: list[str]) -> ExportGgufArguments:
     return args
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse a non-.gguf name, a directory, or an existing file without ``overwrite``."""
+def check_output(output: Path, overwrite: bool, modelfile: bool = False) -> None:
+    """Refuse a non-.gguf name, a directory, or an existing file (or Modelfile) without ``overwrite``."""
     if output.suffix != ".gguf":
         raise ConfigError(f"--output {output}: name the file *.gguf (llama.cpp and Ollama look for that suffix).")
     if output.is_dir():
         raise ConfigError(f"--output {output} is a directory; give a file name such as {output / 'model.gguf'}.")
     if output.exists() and not overwrite:
         raise ConfigError(f"--output {output} exists; choose another name, or pass --overwrite to replace it.")
+    if modelfile and modelfile_path(output).exists() and not overwrite:
+        raise ConfigError(f"{modelfile_path(output)} exists; choose another --output name, pass --overwrite to "
+                          "replace it, or --no_modelfile to write none.")
 
 
 def check_family(config: PretrainedConfig, source: str) -> None:
@@ -114,10 +121,6 @@ def check_family(config: PretrainedConfig, source: str) -> None:
     if rope.get("rope_type", "default") not in ("default", "linear"):
         raise UnsupportedError(f"{source}: rotary scaling '{rope['rope_type']}' is not supported for GGUF export "
                                "(supported: none, linear).")
-    window = getattr(config, "sliding_window", None)
-    if window and window < config.max_position_embeddings:
-        logger.warning("%s attends to a sliding window of %d tokens; llama.cpp's llama graph attends to the whole "
-                       "context, so outputs agree only up to %d tokens.", source, window, window)
 
 
 def export_gguf(
@@ -128,6 +131,7 @@ def export_gguf(
     dtype: str = "f16",
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    modelfile: bool = True,
 ) -> Path:
     """Merge ``adapter`` (if any) into ``base`` and write the result as a GGUF file.
 
@@ -136,8 +140,9 @@ def export_gguf(
         base: The base model; with an adapter, by default the one the adapter records.
         adapter: A LoRA/IA3 adapter directory, merged first with ``lmtune.export.merge``.
         dtype: ``f32``, ``f16`` or ``q8_0`` for the matrices; 1-D tensors stay f32.
-        overwrite: Replace an existing ``output``.
+        overwrite: Replace an existing ``output`` (and Modelfile).
         trust_remote_code: Allow model code shipped with the base.
+        modelfile: Also write an Ollama Modelfile, ``output`` with the suffix ``.Modelfile``.
 
     Returns:
         The written file.
@@ -148,7 +153,7 @@ def export_gguf(
         UnsupportedError: a model family or tokenizer that llama.cpp's ``llama`` graph cannot run.
     """
     output = Path(output)
-    check_output(output, overwrite)
+    check_output(output, overwrite, modelfile)
     if dtype not in FILE_TYPES:
         raise ConfigError(f"--dtype {dtype} is not one of {', '.join(FILE_TYPES)}.")
     if adapter is not None:
@@ -167,6 +172,8 @@ def export_gguf(
         finally:
             partial.unlink(missing_ok=True)
     logger.info("wrote %s (%s, %.1f MB).", output, dtype, output.stat().st_size / 1e6)
+    if modelfile:
+        logger.info("wrote %s: ollama create NAME -f %s", write_modelfile(output), modelfile_path(output))
     return output
 
 
@@ -202,7 +209,12 @@ def write_gguf(model_dir: Path, output: Path, *, dtype: str = "f16", name: str |
     """
     config = AutoConfig.from_pretrained(model_dir)
     check_family(config, str(model_dir))
-    writer = GGUFWriter(output, MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA])
+    window = getattr(config, "sliding_window", None)
+    if window and window < config.max_position_embeddings:
+        logger.warning("%s attends to a sliding window of %d tokens; llama.cpp's llama graph attends to the whole "
+                       "context, so outputs agree only up to %d tokens.", model_dir, window, window)
+    # Spooled to a temporary file as they come: the writer would otherwise hold every tensor in memory.
+    writer = GGUFWriter(output, MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA], use_temp_file=True)
     writer.add_name(name or model_dir.name)
     writer.add_file_type(FILE_TYPES[dtype])
     if dtype == "q8_0":
@@ -216,7 +228,6 @@ def write_gguf(model_dir: Path, output: Path, *, dtype: str = "f16", name: str |
     writer.write_tensors_to_file()
     writer.close()
     return output
-
 
 
 def _head_dim(config: PretrainedConfig) -> int:

@@ -19,6 +19,7 @@ scores encode) instead of read from the SentencePiece file.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,15 @@ def add_vocab(writer: GGUFWriter, tokenizer_dir: Path, n_vocab: int) -> GgufVoca
     if vocab.scores is not None:
         writer.add_token_scores(vocab.scores)
     writer.add_add_space_prefix(vocab.add_space_prefix)
-    special = SpecialVocab(tokenizer_dir, load_merges=vocab.model == "gpt2", n_vocab=n_vocab)
+    # SpecialVocab also guesses add_bos/add_eos from the post-processor, warning about shapes it
+    # does not know (our demo tokenizer's BOS-separated pairs); we replace that guess, so quiet it.
+    vocab_logger = logging.getLogger("gguf.vocab")
+    level = vocab_logger.level
+    vocab_logger.setLevel(logging.ERROR)
+    try:
+        special = SpecialVocab(tokenizer_dir, load_merges=vocab.model == "gpt2", n_vocab=n_vocab)
+    finally:
+        vocab_logger.setLevel(level)
     special.add_special_token = _added_specials(tokenizer_dir)
     special.add_to_gguf(writer, quiet=True)
     return vocab
