@@ -46,8 +46,9 @@ async function loadModels() {
     option.textContent = m.parent ? `${m.id} (adapter on ${m.parent})` : m.id;
     return option;
   }));
+  // Keep the user's choice; at first, the first adapter (what was fine-tuned), else the base.
   if (chosen) select.value = chosen;
-  if (!select.value && select.options.length) select.selectedIndex = select.options.length > 1 ? 1 : 0;
+  else if (select.options.length > 1) select.selectedIndex = 1;
   setStatus("");
 }
 
