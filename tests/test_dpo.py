@@ -252,3 +252,39 @@ def test_reference_cpu_recipe_on_orca_dpo_pairs_from_an_sft_adapter(tmp_path, ti
     saved = json.loads((out / "lmtune_args.json").read_text())["args"]
     assert saved["preference"]["adapter"] == str(adapter) and saved["training"]["gradient_accumulation_steps"] == 2
     assert not (out / "reference").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_resumed_run_ends_with_the_same_adapter(tmp_path, tiny_llama_dir, caplog):
+    """An interrupted run (a checkpoint, no results) is resumed by the same command: same adapter as one go.
+
+    With --precompute_ref_log_probs the reference's log-probabilities are computed again on resuming,
+    before the checkpoint loads, so they are the reference's, not the half-trained policy's.
+    """
+    import shutil
+    from safetensors.torch import load_file
+
+    train = write_jsonl(tmp_path / "pairs.jsonl", preference_records(8, seed=13))
+    flags = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+             "--save_strategy", "steps", "--save_steps", "1", "--precompute_ref_log_probs",
+             "--validation_split_percentage", "0"]
+    whole = tmp_path / "whole"
+    assert main_dpo(dpo_flags(tiny_llama_dir, train, whole, *flags)) == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-1", resumed / "checkpoint-1")
+    shutil.copy(whole / "lmtune_args.json", resumed / "lmtune_args.json")
+    assert main_dpo(dpo_flags(tiny_llama_dir, train, resumed, *flags)) == 0
+    assert "resuming from" in caplog.text
+    want, got = load_file(whole / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_the_dpo_adapter_merges_into_a_plain_model(tmp_path, tiny_llama_dir):
+    out = tmp_path / "dpo"
+    train = write_jsonl(tmp_path / "pairs.jsonl", preference_records(4, seed=17))
+    assert main_dpo(dpo_flags(tiny_llama_dir, train, out, "--max_steps", "1", "--per_device_train_batch_size", "2",
+                              "--validation_split_percentage", "0")) == 0
+    assert main(["merge", "--adapter", str(out), "--output_dir", str(tmp_path / "merged")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
