@@ -218,6 +218,18 @@ def test_orpo_trains_without_reference_and_logs_its_terms(tmp_path, tiny_llama_d
     assert "ORPO" in (out / "README.md").read_text()
 
 
+def test_message_pairs_train_and_the_run_is_recorded_as_chat(tmp_path, tiny_llama_dir):
+    """``lmtune chat`` picks its prompt format from the saved task: message pairs were rendered as chat."""
+    records = [{"prompt": [{"role": "user", "content": f"Describe the {w}."}],
+                "chosen": [{"role": "assistant", "content": f"The {w} is good."}],
+                "rejected": [{"role": "assistant", "content": f"The {w} is bad."}]} for w in WORDS[:4]]
+    out = tmp_path / "chat-dpo"
+    assert main_dpo(dpo_flags(tiny_llama_dir, write_jsonl(tmp_path / "m.jsonl", records), out, "--max_steps", "1",
+                              "--per_device_train_batch_size", "2", "--validation_split_percentage", "0",
+                              "--max_prompt_length", "128", "--max_length", "192")) == 0
+    assert json.loads((out / "lmtune_args.json").read_text())["args"]["finetune"]["task"] == "chat"
+
+
 def test_dry_run_reports_pairs_and_truncation_without_touching_output(tmp_path, tiny_llama_dir, capsys):
     records = preference_records(6, seed=7)
     records[0]["question"] = " ".join(["long"] * 60)
