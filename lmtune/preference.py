@@ -120,6 +120,8 @@ def _build_policy(run: PreferenceRun, config, tokenizer, *, bf16_storage: bool) 
     )
     if not pref.adapter:
         return _adapt_model(run.args, model, tokenizer, dtype, None, bf16_storage=bf16_storage)[0]
+    logger.info("--adapter %s: training that adapter further, with its own configuration (the --lora_* flags "
+                "and --peft do not apply).", pref.adapter)
     fit_embeddings_to_tokenizer(model, tokenizer)
     if bf16_storage:
         upcast_compute(model)

@@ -85,6 +85,27 @@ def test_hidden_state_log_probs_equal_the_full_logits_ones_with_gradients(tiny_l
     assert torch.allclose(grad, want_grad, atol=1e-5)
 
 
+def test_loss_types_and_orpo_follow_their_formulas():
+    from lmtune.train.preference_loss import dpo_loss, orpo_loss
+
+    chosen, rejected = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
+    ref_chosen, ref_rejected = torch.tensor([-11.0, -4.0]), torch.tensor([-11.0, -4.0])
+    tokens_c, tokens_r = torch.tensor([5, 2]), torch.tensor([4, 1])
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)  # [2, -1]
+    beta = 0.5
+    hinge, metrics = dpo_loss(Objective(beta, "hinge"), chosen, rejected, ref_chosen, ref_rejected, tokens_c, tokens_r)
+    assert hinge.tolist() == pytest.approx(torch.relu(1 - beta * margin).tolist())
+    assert metrics["rewards/accuracies"].tolist() == [1.0, 0.0]
+    ipo, _ = dpo_loss(Objective(beta, "ipo"), chosen, rejected, ref_chosen, ref_rejected, tokens_c, tokens_r)
+    averaged = (chosen - ref_chosen) / tokens_c - (rejected - ref_rejected) / tokens_r
+    assert ipo.tolist() == pytest.approx(((averaged - 1 / (2 * beta)) ** 2).tolist())
+    orpo, metrics = orpo_loss(Objective(beta, orpo=True), chosen, rejected, tokens_c, tokens_r)
+    pc, pr = torch.exp(chosen / tokens_c), torch.exp(rejected / tokens_r)
+    odds = torch.log(pc / (1 - pc)) - torch.log(pr / (1 - pr))
+    assert orpo.tolist() == pytest.approx((-chosen / tokens_c - beta * F.logsigmoid(odds)).tolist(), rel=1e-5)
+    assert metrics["log_odds_ratio"].tolist() == pytest.approx(odds.tolist(), rel=1e-5)
+
+
 def independent_dpo_loss(policy, batch, beta: float) -> float:
     """Summed answer log-probabilities under policy and reference (adapter off), then the sigmoid formula."""
     def summed(model_logits):
