@@ -22,7 +22,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from lmtune.argv import config_to_argv
-from lmtune.data.preference import PreparedPairs, prepare_preference_data
+from lmtune.data.preference import MESSAGES, PreparedPairs, prepare_preference_data
 from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.report import estimate_steps
 from lmtune.errors import ConfigError
@@ -121,6 +121,8 @@ def _build_policy(run: PreferenceRun, config, tokenizer, *, bf16_storage: bool) 
     )
     if not pref.adapter:
         return _adapt_model(run.args, model, tokenizer, dtype, None, bf16_storage=bf16_storage)[0]
+    logger.info("--adapter %s: training that adapter further, with its own configuration (the --lora_* flags "
+                "and --peft do not apply).", pref.adapter)
     fit_embeddings_to_tokenizer(model, tokenizer)
     if bf16_storage:
         upcast_compute(model)
@@ -128,6 +130,15 @@ def _build_policy(run: PreferenceRun, config, tokenizer, *, bf16_storage: bool) 
     if training.activation_checkpointing:
         model.enable_input_require_grads()
     return _load_sft_adapter(model, pref.adapter, with_reference=not (pref.orpo or pref.precompute_ref_log_probs))
+
+
+def _resolved_args(run: PreferenceRun, data: PreparedPairs) -> dict[str, Any]:
+    """The arguments saved in ``lmtune_args.json``; pairs of messages were rendered in the chat format,
+    which ``lmtune chat`` then uses too (it picks the prompt format from the saved ``task``)."""
+    resolved = preference_args_to_dict(run)
+    if any(stats.format == MESSAGES for stats in data.stats.values()):
+        resolved["finetune"]["task"] = "chat"
+    return resolved
 
 
 def _reference_kind(run: PreferenceRun) -> str:
@@ -175,7 +186,7 @@ def run_preference(run: PreferenceRun) -> dict[str, Any]:
     if training.process_index == 0:
         if ft.overwrite_output_dir and checkpoint is None:
             clear_earlier_run(training.output_dir)
-        write_run_args(training.output_dir, preference_args_to_dict(run))
+        write_run_args(training.output_dir, _resolved_args(run, data))
     model = _build_policy(run, config, tokenizer, bf16_storage=bf16_storage)
     collator = PreferenceCollator(tokenizer.pad_token_id, max_length=pref.max_length if pref.pad_max else None)
     stopper = StopOnSignal()

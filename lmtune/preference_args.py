@@ -115,6 +115,8 @@ def parse_preference_args(argv: list[str] | None = None) -> PreferenceRun:
         raise_unknown_flags(parser, remaining)
     if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         training.output_dir = None  # transformers would invent "trainer_output"; the reference requires it
+    if model.use_auth_token:
+        logger.warning("--use_auth_token is deprecated and ignored; pass --token instead.")
     if finetune.lora_target_modules and finetune.lora_all_linear and not _given(argv, "--lora_all_linear"):
         # dpo_clm.py ignored --lora_target_modules under its default --lora_all_linear True; naming
         # modules says which to adapt, so they win over the default (not over an explicit flag).

@@ -85,6 +85,27 @@ def test_hidden_state_log_probs_equal_the_full_logits_ones_with_gradients(tiny_l
     assert torch.allclose(grad, want_grad, atol=1e-5)
 
 
+def test_loss_types_and_orpo_follow_their_formulas():
+    from lmtune.train.preference_loss import dpo_loss, orpo_loss
+
+    chosen, rejected = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
+    ref_chosen, ref_rejected = torch.tensor([-11.0, -4.0]), torch.tensor([-11.0, -4.0])
+    tokens_c, tokens_r = torch.tensor([5, 2]), torch.tensor([4, 1])
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)  # [2, -1]
+    beta = 0.5
+    hinge, metrics = dpo_loss(Objective(beta, "hinge"), chosen, rejected, ref_chosen, ref_rejected, tokens_c, tokens_r)
+    assert hinge.tolist() == pytest.approx(torch.relu(1 - beta * margin).tolist())
+    assert metrics["rewards/accuracies"].tolist() == [1.0, 0.0]
+    ipo, _ = dpo_loss(Objective(beta, "ipo"), chosen, rejected, ref_chosen, ref_rejected, tokens_c, tokens_r)
+    averaged = (chosen - ref_chosen) / tokens_c - (rejected - ref_rejected) / tokens_r
+    assert ipo.tolist() == pytest.approx(((averaged - 1 / (2 * beta)) ** 2).tolist())
+    orpo, metrics = orpo_loss(Objective(beta, orpo=True), chosen, rejected, tokens_c, tokens_r)
+    pc, pr = torch.exp(chosen / tokens_c), torch.exp(rejected / tokens_r)
+    odds = torch.log(pc / (1 - pc)) - torch.log(pr / (1 - pr))
+    assert orpo.tolist() == pytest.approx((-chosen / tokens_c - beta * F.logsigmoid(odds)).tolist(), rel=1e-5)
+    assert metrics["log_odds_ratio"].tolist() == pytest.approx(odds.tolist(), rel=1e-5)
+
+
 def independent_dpo_loss(policy, batch, beta: float) -> float:
     """Summed answer log-probabilities under policy and reference (adapter off), then the sigmoid formula."""
     def summed(model_logits):
@@ -218,6 +239,18 @@ def test_orpo_trains_without_reference_and_logs_its_terms(tmp_path, tiny_llama_d
     assert "ORPO" in (out / "README.md").read_text()
 
 
+def test_message_pairs_train_and_the_run_is_recorded_as_chat(tmp_path, tiny_llama_dir):
+    """``lmtune chat`` picks its prompt format from the saved task: message pairs were rendered as chat."""
+    records = [{"prompt": [{"role": "user", "content": f"Describe the {w}."}],
+                "chosen": [{"role": "assistant", "content": f"The {w} is good."}],
+                "rejected": [{"role": "assistant", "content": f"The {w} is bad."}]} for w in WORDS[:4]]
+    out = tmp_path / "chat-dpo"
+    assert main_dpo(dpo_flags(tiny_llama_dir, write_jsonl(tmp_path / "m.jsonl", records), out, "--max_steps", "1",
+                              "--per_device_train_batch_size", "2", "--validation_split_percentage", "0",
+                              "--max_prompt_length", "128", "--max_length", "192")) == 0
+    assert json.loads((out / "lmtune_args.json").read_text())["args"]["finetune"]["task"] == "chat"
+
+
 def test_dry_run_reports_pairs_and_truncation_without_touching_output(tmp_path, tiny_llama_dir, capsys):
     records = preference_records(6, seed=7)
     records[0]["question"] = " ".join(["long"] * 60)
@@ -252,3 +285,39 @@ def test_reference_cpu_recipe_on_orca_dpo_pairs_from_an_sft_adapter(tmp_path, ti
     saved = json.loads((out / "lmtune_args.json").read_text())["args"]
     assert saved["preference"]["adapter"] == str(adapter) and saved["training"]["gradient_accumulation_steps"] == 2
     assert not (out / "reference").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_resumed_run_ends_with_the_same_adapter(tmp_path, tiny_llama_dir, caplog):
+    """An interrupted run (a checkpoint, no results) is resumed by the same command: same adapter as one go.
+
+    With --precompute_ref_log_probs the reference's log-probabilities are computed again on resuming,
+    before the checkpoint loads, so they are the reference's, not the half-trained policy's.
+    """
+    import shutil
+    from safetensors.torch import load_file
+
+    train = write_jsonl(tmp_path / "pairs.jsonl", preference_records(8, seed=13))
+    flags = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+             "--save_strategy", "steps", "--save_steps", "1", "--precompute_ref_log_probs",
+             "--validation_split_percentage", "0"]
+    whole = tmp_path / "whole"
+    assert main_dpo(dpo_flags(tiny_llama_dir, train, whole, *flags)) == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-1", resumed / "checkpoint-1")
+    shutil.copy(whole / "lmtune_args.json", resumed / "lmtune_args.json")
+    assert main_dpo(dpo_flags(tiny_llama_dir, train, resumed, *flags)) == 0
+    assert "resuming from" in caplog.text
+    want, got = load_file(whole / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_the_dpo_adapter_merges_into_a_plain_model(tmp_path, tiny_llama_dir):
+    out = tmp_path / "dpo"
+    train = write_jsonl(tmp_path / "pairs.jsonl", preference_records(4, seed=17))
+    assert main_dpo(dpo_flags(tiny_llama_dir, train, out, "--max_steps", "1", "--per_device_train_batch_size", "2",
+                              "--validation_split_percentage", "0")) == 0
+    assert main(["merge", "--adapter", str(out), "--output_dir", str(tmp_path / "merged")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
