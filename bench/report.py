@@ -99,7 +99,7 @@ def format_table(rows: list[dict], variants: dict[str, dict]) -> str:
     return "\n".join(lines + legend)
 
 
-OURS = ("lmtune", "lmtune-pad", "lmtune-ckpt")
+OURS = ("lmtune", "lmtune-pad", "lmtune-ckpt", "lmtune-jemalloc", "lmtune-tcmalloc")
 LOSS_SLACK = 0.01  # "loss no worse": random-weight models end within a few thousandths of each other
 
 

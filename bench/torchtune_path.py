@@ -33,7 +33,8 @@ def recipe_config(*, model_dir: str, train_file: str, output_dir: str, max_seq_l
     from omegaconf import OmegaConf
 
     model = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    if model.get("tie_word_embeddings") or model.get("rope_theta", 10000.0) != 10000.0:
+    rope_base = model.get("rope_parameters", {}).get("rope_theta", model.get("rope_theta", 10000.0))
+    if model.get("tie_word_embeddings") or rope_base != 10000.0:
         raise SystemExit("torchtune's lora_llama2 builder needs an untied head and rope base 10000")
     return OmegaConf.create({
         "output_dir": output_dir,

@@ -4,7 +4,8 @@ Checked in float32 on small vocabularies: the raw summed loss against ``F.cross_
 then ``LmtuneTrainer.compute_loss`` against the stock ``Trainer.compute_loss`` on tiny
 random models (LoRA and full fine-tuning), with and without ``num_items_in_batch``, and
 gradient accumulation (two micro-batches sharing one ``num_items_in_batch``) against
-one big batch.
+one big batch; and in float64, to 1e-10, against the head run on every position (LoRA and
+full fine-tuning, padded and packed rows).
 """
 
 from __future__ import annotations
@@ -219,3 +220,57 @@ def test_bf16_autocast_stays_close_to_the_stock_loss(tmp_path):
         ours_loss = ours.compute_loss(model, dict(batch))
         stock_loss = stock.compute_loss(model, dict(batch))
     torch.testing.assert_close(ours_loss.float(), stock_loss.float(), rtol=2e-2, atol=2e-2)
+
+
+# --- float64: the same numbers as the full computation, to rounding -----------------------------
+
+
+def _assert_same_f64(ours, stock):
+    torch.testing.assert_close(ours[0], stock[0], rtol=0, atol=1e-10)
+    assert ours[1].keys() == stock[1].keys() and ours[1]
+    for name in ours[1]:
+        assert ours[1][name].dtype == torch.float64
+        torch.testing.assert_close(ours[1][name], stock[1][name], rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("rows", [3, 1000])
+def test_float64_loss_sum_and_gradients_equal_the_full_logits_to_1e_10(rows):
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 11, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(VOCAB, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = _labels(generator, 3, 11)
+    total, _ = causal_lm_loss_sum(hidden, weight, labels, rows=rows)
+    assert total.dtype == torch.float64
+    total.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    _stock_sum(hidden, weight, labels).backward()
+    torch.testing.assert_close(total, _stock_sum(hidden, weight, labels), rtol=0, atol=1e-10)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=0, atol=1e-10)
+    assert grads[0][0, -3:].abs().max() == 0  # positions without a label get no head gradient at all
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_float64_compute_loss_equals_the_stock_trainer_to_1e_10(tmp_path, full, packed):
+    if full:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config(VOCAB))
+    else:
+        model = _lora_model()
+    model.to(torch.float64).train()
+    ours, _ = _trainers(model, tmp_path)
+    batch = _batch(8, packed=packed)
+    # The full computation: the head on every position, float64 logits (the stock loss would upcast to float32).
+    full_head = _FullLogitsLoss()
+    _assert_same_f64(_loss_and_grads(ours, model, [batch], 17), _loss_and_grads(full_head, model, [batch], 17))
+
+
+class _FullLogitsLoss:
+    def compute_loss(self, model, inputs, num_items_in_batch):
+        labels = inputs.pop("labels")
+        logits = model(**inputs, use_cache=False).logits
+        assert logits.dtype == torch.float64
+        targets = shifted_targets(labels).reshape(-1)
+        return F.cross_entropy(logits.reshape(-1, VOCAB), targets, reduction="sum") / num_items_in_batch

@@ -37,15 +37,16 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = _accumulation_dtype(weight.dtype)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None
         # The caller cast both operands to the compute dtype; autocast must not re-cast them here.
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
                 h = hidden[start : start + rows]
                 t = targets[start : start + rows]
-                logits = (h @ weight.T).float()
+                logits = (h @ weight.T).to(acc)
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
                 if not (need_hidden or need_weight):
@@ -56,7 +57,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 if need_hidden:
                     grad_hidden[start : start + rows] = grad_logits @ weight
                 if need_weight:
-                    grad_weight += (grad_logits.T @ h).float()
+                    grad_weight += (grad_logits.T @ h).to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -64,10 +65,15 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_output.float()
+        scale = grad_output.to(_accumulation_dtype(ctx.weight_dtype))
         hidden_out = (grad_hidden * scale.to(grad_hidden.dtype)) if grad_hidden is not None else None
         weight_out = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
         return hidden_out, weight_out, None, None
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision and float32 logits (as the stock loss upcasts them); float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -97,7 +103,8 @@ def causal_lm_loss_sum(
         rows: Rows per chunk; by default about 16M logits per chunk.
 
     Returns:
-        ``(loss_sum, count)``: float32 scalar sum (differentiable) and the number of supervised tokens.
+        ``(loss_sum, count)``: the summed loss (differentiable; float32, or float64 for a float64 head)
+        and the number of supervised tokens.
     """
     targets = shifted_targets(labels).reshape(-1)
     keep = targets != IGNORE_INDEX
