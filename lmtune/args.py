@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainingArguments
 
-from lmtune.argv import expand_config, flag_value, resolve_cpu_flag, rewrite_legacy_flags
-from lmtune.command_flags import raise_unknown_flags
+from lmtune.argv import expand_config, rewrite_legacy_flags, runs_on_cpu
+from lmtune.command_flags import DefaultsOnceFormatter, raise_unknown_flags
 from lmtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -218,52 +218,132 @@ class ParsedArgs:
     data: DataArguments
     finetune: FinetuneArguments
     training: TrainingArguments
+    # The model's config, when parsing read it to tell a causal from a seq2seq model (run_finetune reuses it).
+    model_config: Any = None
 
 
-def build_parser(seq2seq: bool = False) -> HfArgumentParser:
-    training_cls = Seq2SeqTrainingArguments if seq2seq else TrainingArguments
-    return HfArgumentParser(
-        (ModelArguments, DataArguments, FinetuneArguments, training_cls), allow_abbrev=False
+# Seq2SeqTrainingArguments' own fields: parsed for every model, accepted only for seq2seq ones.
+SEQ2SEQ_ONLY = frozenset(f.name for f in fields(Seq2SeqTrainingArguments)) - {f.name for f in fields(TrainingArguments)}
+_UNSET = object()  # a flag's value before argparse has seen it: tells "given" from "defaulted"
+_WATCHED = SEQ2SEQ_ONLY | {"use_cpu", "greater_is_better"}
+
+
+class HelpShown(Exception):
+    """``--help`` printed every flag; there is nothing else to do (not an error)."""
+
+
+def build_parser(prog: str = "lmtune finetune") -> HfArgumentParser:
+    """The one parser of ``lmtune finetune``: our three dataclasses, ``Seq2SeqTrainingArguments`` and ``--config``.
+
+    The seq2seq fields are parsed for every model and accepted for seq2seq models only
+    (``build_args``), so that one parse serves both model kinds and ``--help`` lists every flag.
+    """
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, FinetuneArguments, Seq2SeqTrainingArguments), prog=prog,
+        allow_abbrev=False, formatter_class=DefaultsOnceFormatter,
     )
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of flag: value settings (also the "
+                        "reference's `finetune_clm.py args.json` form); flags on the command line override it.")
+    for action in parser._actions:
+        if action.dest in SEQ2SEQ_ONLY:
+            action.help = f"{action.help or ''} (seq2seq models only)".strip()
+    return parser
 
 
-def parse_args(argv: list[str] | None = None, *, seq2seq: bool = False) -> ParsedArgs:
-    """Parse flags (and ``--config FILE``) the way the reference's scripts do.
+@dataclass(frozen=True)
+class ParsedFlags:
+    """The command line parsed once, before any argument object (or accelerate) exists.
+
+    Attributes:
+        values: Every flag's value (``dest`` -> value), defaults included.
+        given: The seq2seq-only flags, ``use_cpu`` and ``greater_is_better``, when given explicitly.
+    """
+
+    values: dict[str, Any]
+    given: frozenset[str]
+
+
+def parse_flags(argv: list[str] | None = None, *, notices: list[str] | None = None) -> ParsedFlags:
+    """Parse ``lmtune finetune`` flags (and ``--config FILE``) once, into plain values.
 
     Args:
         argv: Arguments without the program name; ``sys.argv[1:]`` when None.
-        seq2seq: Parse ``Seq2SeqTrainingArguments`` instead of ``TrainingArguments``.
+        notices: Collects the legacy-spelling notices instead of logging them (a launcher's other
+            ranks should not repeat them).
+
+    Raises:
+        HelpShown: ``--help`` was given (the help is printed).
+        ConfigError: on unknown flags (with a did-you-mean), bad values or an unreadable config file.
+    """
+    argv = rewrite_legacy_flags(expand_config(list(sys.argv[1:] if argv is None else argv)), notices=notices)
+    parser = build_parser()
+    namespace = argparse.Namespace(**dict.fromkeys(_WATCHED, _UNSET))
+    try:
+        namespace, remaining = parser.parse_known_args(argv, namespace=namespace)
+    except SystemExit as exc:  # argparse exits on --help and on bad values; a library must not
+        if exc.code in (0, None):
+            raise HelpShown() from None
+        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
+    if remaining:
+        raise_unknown_flags(parser, remaining)
+    values = vars(namespace)
+    given = frozenset(name for name in _WATCHED if values[name] is not _UNSET)
+    for name in _WATCHED - given:
+        values[name] = parser.get_default(name)
+    return ParsedFlags(values, given)
+
+
+def _build(cls: type, values: dict[str, Any], **overrides: Any) -> Any:
+    names = {f.name for f in fields(cls) if f.init}
+    return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
+
+
+def build_args(flags: ParsedFlags, *, seq2seq: bool) -> ParsedArgs:
+    """The typed argument objects for a causal (``TrainingArguments``) or seq2seq model.
+
+    Raises:
+        ConfigError: seq2seq-only flags for a causal model, or what ``TrainingArguments`` rejects.
+    """
+    values = flags.values
+    misplaced = sorted(flags.given & SEQ2SEQ_ONLY)
+    if misplaced and not seq2seq:
+        raise ConfigError(f"{', '.join('--' + name for name in misplaced)}: for seq2seq (encoder-decoder) models "
+                          "only, and this model is a causal LM; drop it.")
+    # The reference rebuilt its TrainingArguments with no_cuda=True whenever the device resolved to cpu;
+    # TrainingArguments now rejects --bf16 without a GPU unless told use_cpu.
+    use_cpu = values["use_cpu"] if "use_cpu" in flags.given else runs_on_cpu(values["device"])
+    model, data, finetune = (_build(cls, values) for cls in (ModelArguments, DataArguments, FinetuneArguments))
+    try:
+        training = _build(Seq2SeqTrainingArguments if seq2seq else TrainingArguments, values, use_cpu=use_cpu)
+    except ValueError as exc:  # TrainingArguments.__post_init__ checks
+        raise ConfigError(str(exc)) from exc
+    except ImportError as exc:  # e.g. --deepspeed without the deepspeed package
+        raise ConfigError(f"{exc}. Install the missing package (for --deepspeed: pip install deepspeed).") from exc
+    if values["output_dir"] is None:
+        training.output_dir = None  # transformers would invent "trainer_output"; the reference requires it
+    if model.use_auth_token:
+        logger.warning("--use_auth_token is deprecated and ignored; pass --token instead.")
+    if training.metric_for_best_model and "greater_is_better" not in flags.given:
+        # transformers infers it from a "loss" suffix alone; a perplexity is better lower too.
+        training.greater_is_better = not training.metric_for_best_model.endswith(("loss", "ppl"))
+    return ParsedArgs(model, data, finetune, training)
+
+
+def parse_args(argv: list[str] | None = None, *, seq2seq: bool = False) -> ParsedArgs:
+    """Parse flags (and ``--config FILE``) the way the reference's scripts do, for one model kind.
+
+    Args:
+        argv: Arguments without the program name; ``sys.argv[1:]`` when None.
+        seq2seq: Build ``Seq2SeqTrainingArguments`` instead of ``TrainingArguments``.
 
     Returns:
         The four argument objects.
 
     Raises:
+        HelpShown: ``--help`` was given.
         ConfigError: on unknown flags (with a did-you-mean), bad values or an unreadable config file.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = resolve_cpu_flag(rewrite_legacy_flags(expand_config(argv)))
-    parser = build_parser(seq2seq)
-    try:
-        model, data, finetune, training, remaining = parser.parse_args_into_dataclasses(
-            args=argv, return_remaining_strings=True
-        )
-    except SystemExit as exc:  # argparse exits on bad values; a library must raise instead
-        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
-    except ValueError as exc:  # TrainingArguments.__post_init__ checks
-        raise ConfigError(str(exc)) from exc
-    except ImportError as exc:  # e.g. --deepspeed without the deepspeed package
-        raise ConfigError(f"{exc}. Install the missing package (for --deepspeed: pip install deepspeed).") from exc
-    if remaining:
-        raise_unknown_flags(parser, remaining)
-    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
-        training.output_dir = None  # transformers would invent "trainer_output"; the reference requires it
-    if model.use_auth_token:
-        logger.warning("--use_auth_token is deprecated and ignored; pass --token instead.")
-    given = any(a == "--greater_is_better" or a.startswith("--greater_is_better=") for a in argv)
-    if training.metric_for_best_model and not given:
-        # transformers infers it from a "loss" suffix alone; a perplexity is better lower too.
-        training.greater_is_better = not training.metric_for_best_model.endswith(("loss", "ppl"))
-    return ParsedArgs(model, data, finetune, training)
+    return build_args(parse_flags(argv), seq2seq=seq2seq)
 
 
 @dataclass(frozen=True)
@@ -277,31 +357,15 @@ class ProcessFlags:
     ddp_timeout: int = 1800
     deepspeed: str | None = None
 
-
-def parse_process_flags(argv: list[str]) -> ProcessFlags:
-    """Read ``--device``, the Habana flags, ``--ddp_backend``, ``--ddp_timeout`` and ``--deepspeed`` alone.
-
-    Building ``TrainingArguments`` starts accelerate (under a launcher, its process group),
-    so a process must check its device, map its launcher's environment and start a ``ccl``
-    group before :func:`parse_args`; these flags say how. Every other flag, and every
-    unknown one, is left for :func:`parse_args` to check and report.
-
-    Raises:
-        ConfigError: an unreadable config file.
-    """
-    argv = expand_config(list(argv))
-    parser = HfArgumentParser(FinetuneArguments, allow_abbrev=False, exit_on_error=False)
-    try:
-        (finetune, _) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except argparse.ArgumentError:  # a bad value: parse_args reports it, with the full usage
-        return ProcessFlags()
-    backend = "ccl" if finetune.use_oneccl else flag_value(argv, "--ddp_backend")
-    timeout = flag_value(argv, "--ddp_timeout") or ""
-    return ProcessFlags(
-        device=finetune.device, use_habana=finetune.use_habana, use_lazy_mode=finetune.use_lazy_mode,
-        ddp_backend=backend, ddp_timeout=int(timeout) if timeout.isdigit() else 1800,
-        deepspeed=flag_value(argv, "--deepspeed"),
-    )
+    @classmethod
+    def from_flags(cls, flags: ParsedFlags) -> ProcessFlags:
+        """``--device``, the Habana flags, ``--ddp_backend`` (``ccl`` arrives as ``--use_oneccl``), its timeout
+        and ``--deepspeed``: building ``TrainingArguments`` starts accelerate (under a launcher, its process
+        group), so a process checks its device, maps its launcher's environment and starts a ``ccl`` group first."""
+        v = flags.values
+        return cls(device=v["device"], use_habana=v["use_habana"], use_lazy_mode=v["use_lazy_mode"],
+                   ddp_backend="ccl" if v["use_oneccl"] else v["ddp_backend"], ddp_timeout=v["ddp_timeout"],
+                   deepspeed=v["deepspeed"])
 
 
 def args_to_dict(args: ParsedArgs) -> dict[str, dict[str, Any]]:

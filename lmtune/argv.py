@@ -1,7 +1,7 @@
 """argv before parsing: ``--config`` files, the reference's legacy spellings, the CPU flag.
 
 The reference's command lines predate flags that transformers has renamed or dropped;
-they are rewritten here, from one table, with one notice each, so that ``args.parse_args``
+they are rewritten here, from one table, with one notice each, so that ``args.parse_flags``
 sees only flags the installed transformers knows. A config file (YAML or JSON, also the
 reference's ``finetune_clm.py args.json`` form) becomes argv too, with command-line flags
 overriding it.
@@ -31,40 +31,33 @@ LEGACY_FLAGS: dict[str, tuple[str, str]] = {
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
-def flag_value(argv: list[str], flag: str) -> str | None:
-    """The value given to ``flag`` (last one wins, as in argparse), or None."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def _accelerator_present() -> bool:
     from lmtune.model.inference import detect_device  # imports torch: only when a device must be resolved
 
     return detect_device() in ("cuda", "xpu")
 
 
-def resolve_cpu_flag(argv: list[str]) -> list[str]:
-    """Add ``--use_cpu`` when the run will be on the CPU, before TrainingArguments checks bf16.
+def runs_on_cpu(device: str) -> bool:
+    """Whether ``--device`` puts the run on the CPU: ``cpu``, or ``auto``/``hpu`` on a machine without
+    CUDA or XPU (a Gaudi run parses as a CPU one, so that it can stop with Habana's own message
+    instead of a bf16 error)."""
+    device = device.strip("\"'").lower()
+    return device == "cpu" or (device in ("auto", "hpu") and not _accelerator_present())
 
-    The reference rebuilt its TrainingArguments with ``no_cuda=True`` whenever the device
-    resolved to cpu; TrainingArguments now rejects ``--bf16`` without a GPU unless told
-    ``use_cpu``. A Gaudi run (``--device hpu``) also parses here, so that the run can stop
-    with Habana's own message instead of a bf16 error.
+
+def rewrite_legacy_flags(argv: list[str], *, notices: list[str] | None = None) -> list[str]:
+    """Rewrite the reference's spellings (``LEGACY_FLAGS``, ``--ddp_backend ccl``) with one notice each.
+
+    Args:
+        argv: The arguments.
+        notices: Collects the notices instead of logging them.
     """
-    if flag_value(argv, "--use_cpu") is not None or "--use_cpu" in argv:
-        return argv
-    device = (flag_value(argv, "--device") or "auto").strip("\"'").lower()
-    if device == "cpu" or (device in ("auto", "hpu") and not _accelerator_present()):
-        return argv + ["--use_cpu", "True"]
-    return argv
+    def notice(message: str) -> None:
+        if notices is None:
+            logger.warning(message)
+        else:
+            notices.append(message)
 
-
-def rewrite_legacy_flags(argv: list[str]) -> list[str]:
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -73,7 +66,7 @@ def rewrite_legacy_flags(argv: list[str]) -> list[str]:
         if flag == "--ddp_backend":
             value = inline or (argv[i + 1] if i + 1 < len(argv) else "")
             if value.lower() == "ccl":
-                logger.warning("--ddp_backend ccl: transformers no longer lists oneCCL; lmtune sets it up itself.")
+                notice("--ddp_backend ccl: transformers no longer lists oneCCL; lmtune sets it up itself.")
                 out += ["--use_oneccl", "True"]
                 i += 1 if inline else 2
                 continue
@@ -82,7 +75,7 @@ def rewrite_legacy_flags(argv: list[str]) -> list[str]:
             i += 1
             continue
         new_flag, why = LEGACY_FLAGS[flag]
-        logger.warning("%s is a legacy spelling (%s); using %s.", flag, why, new_flag)
+        notice(f"{flag} is a legacy spelling ({why}); using {new_flag}.")
         value = inline or None
         if value is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             value = argv[i + 1]
@@ -139,6 +132,7 @@ def expand_config(argv: list[str]) -> list[str]:
     """Put ``--config FILE`` settings first so that flags on the command line override them."""
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):
         return _load_config_file(argv[0])  # the reference's `finetune_clm.py args.json` form
+    argv = [piece for arg in argv for piece in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     if "--config" not in argv:
         return argv
     i = argv.index("--config")

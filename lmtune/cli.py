@@ -20,15 +20,15 @@ EXIT_BUG = 1
 
 
 def _finetune(argv: list[str], seq2seq: bool | None) -> int:
+    from lmtune.args import HelpShown
     from lmtune.finetuning import parse_for_model, run_finetune
     from lmtune.train.distributed import is_main_process
 
-    if any(a in ("-h", "--help") for a in argv):
-        from lmtune.args import build_parser
-
-        build_parser(bool(seq2seq)).print_help()
+    try:
+        args = parse_for_model(argv, seq2seq=seq2seq)
+    except HelpShown:
         return 0
-    metrics = run_finetune(parse_for_model(argv, seq2seq=seq2seq))
+    metrics = run_finetune(args)
     loss = metrics.get("train_loss")
     if loss is not None and is_main_process():  # one line per job, not one per rank
         print(f"lmtune: training loss {loss:.4f}")

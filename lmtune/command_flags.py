@@ -8,12 +8,23 @@ that names it with a did-you-mean, and a bad value is a ``ConfigError`` instead 
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from typing import Any
 
 from transformers import HfArgumentParser
 
 from lmtune.errors import ConfigError
+
+
+class DefaultsOnceFormatter(argparse.HelpFormatter):
+    """``(default: X)`` after a flag's help, unless the help already says its default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _known_flags(parser: HfArgumentParser) -> list[str]:
@@ -47,7 +58,7 @@ def parse_command_flags(dataclass_type: type, argv: list[str], prog: str) -> Any
     Raises:
         ConfigError: for unknown flags (with a did-you-mean) or bad values.
     """
-    parser = HfArgumentParser(dataclass_type, prog=prog, allow_abbrev=False)
+    parser = HfArgumentParser(dataclass_type, prog=prog, allow_abbrev=False, formatter_class=DefaultsOnceFormatter)
     try:
         parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except SystemExit as exc:  # argparse exits on bad values; a library must raise instead

@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Seq2SeqTrainingArguments
 
-from lmtune.args import ParsedArgs, args_to_dict, parse_args, parse_process_flags
+from lmtune.args import ParsedArgs, ProcessFlags, args_to_dict, build_args, parse_flags
 from lmtune.argv import config_to_argv
 from lmtune.data.chat_format import names_template_file, resolve_chat_format
 from lmtune.data.collate import CausalLMCollator
@@ -292,11 +292,11 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     phases.mark("imports and argument parsing")
     if args.finetune.dry_run and not (args.training.do_train or args.training.do_eval):
         args.training.do_train = True  # a bare --dry_run reports what training would see
-    validate_args(args)
+    validate_args(args, checks=(
+        lambda: _check_model_flags(args), lambda: check_task_evaluation(task_eval_settings(args)),
+        lambda: check_report_to(args.training.report_to),
+    ))
     _record_absolute_paths(args)
-    _check_model_flags(args)
-    check_task_evaluation(task_eval_settings(args))
-    check_report_to(args.training.report_to)
     args = _with_device(args)
     model_args, data_args, ft, training = args.model, args.data, args.finetune, args.training
     _configure_logging(training)
@@ -312,7 +312,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
             training.output_dir, overwrite=ft.overwrite_output_dir,
             resume_from_checkpoint=training.resume_from_checkpoint, current_args=args_to_dict(args),
         )
-    config = load_config(
+    config = args.model_config or load_config(  # parse_for_model has read it already
         model_args.model_name_or_path, config_name=model_args.config_name, revision=model_args.model_revision,
         token=model_args.token, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
     )
@@ -383,38 +383,36 @@ def finetune(*, seq2seq: bool | None = None, **kwargs: Any) -> dict[str, Any]:
 
 
 def parse_for_model(argv: list[str], *, seq2seq: bool | None = None) -> ParsedArgs:
-    """Set this process up, then parse argv with the TrainingArguments class that fits the model.
+    """Parse argv once, set this process up, then build the arguments of the model's kind.
 
     Building ``TrainingArguments`` starts accelerate, and under torchrun or mpirun the process
     group, so the device check, the launcher's environment and a ``ccl`` group come first
     (``setup_process``): a Gaudi command line without Habana's software stops before anything loads.
+    The model's config says causal or seq2seq (``seq2seq`` forces it); ``run_finetune`` reuses it.
+
+    Raises:
+        HelpShown: ``--help`` was given (the help is printed).
+        ConfigError: for anything wrong with the command line.
     """
-    flags = parse_process_flags(argv)
+    notices: list[str] = []
+    flags = parse_flags(argv, notices=notices)
+    process = ProcessFlags.from_flags(flags)
     info = setup_process(
-        flags.device, use_habana=flags.use_habana, use_lazy_mode=flags.use_lazy_mode,
-        ddp_backend=flags.ddp_backend, ddp_timeout=flags.ddp_timeout, deepspeed=flags.deepspeed,
+        process.device, use_habana=process.use_habana, use_lazy_mode=process.use_lazy_mode,
+        ddp_backend=process.ddp_backend, ddp_timeout=process.ddp_timeout, deepspeed=process.deepspeed,
     )
     if info.rank != 0:  # one copy of the argument notices, not one per rank
         logging.getLogger("lmtune").setLevel(logging.ERROR)
-    # Seq2SeqTrainingArguments is a superset: parsing with it first lets seq2seq-only flags
-    # (--predict_with_generate, --generation_max_length) through until the model type is known.
-    args = parse_args(argv, seq2seq=seq2seq is not False)
-    if seq2seq is None and args.model.model_name_or_path:
+    for notice in notices:
+        logging.getLogger("lmtune.argv").warning(notice)
+    values, config = flags.values, None
+    if values["model_name_or_path"]:
         config = load_config(
-            args.model.model_name_or_path, config_name=args.model.config_name,
-            trust_remote_code=args.model.trust_remote_code, cache_dir=args.model.cache_dir,
+            values["model_name_or_path"], config_name=values["config_name"], revision=values["model_revision"],
+            token=values["token"], trust_remote_code=values["trust_remote_code"], cache_dir=values["cache_dir"],
         )
-        if not is_seq2seq(config):
-            # The first parse already gave the argument notices.
-            notices = [logging.getLogger(name) for name in ("lmtune.args", "lmtune.argv")]
-            levels = [notice.level for notice in notices]
-            for notice in notices:
-                notice.setLevel(logging.ERROR)
-            try:
-                args = parse_args(argv, seq2seq=False)
-            finally:
-                for notice, level in zip(notices, levels):
-                    notice.setLevel(level)
+    args = build_args(flags, seq2seq=is_seq2seq(config) if seq2seq is None and config is not None else bool(seq2seq))
+    args.model_config = config
     return args
 
 

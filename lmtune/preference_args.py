@@ -9,6 +9,7 @@ the same ``--config`` expansion, legacy-flag rewrites and unknown-flag errors. W
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from dataclasses import dataclass, field, fields
@@ -24,7 +25,7 @@ from lmtune.args import (
     args_to_dict,
 )
 from lmtune.command_flags import raise_unknown_flags
-from lmtune.argv import expand_config, resolve_cpu_flag, rewrite_legacy_flags
+from lmtune.argv import expand_config, rewrite_legacy_flags, runs_on_cpu
 from lmtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def parse_preference_args(argv: list[str] | None = None) -> PreferenceRun:
         ConfigError: on unknown flags (with a did-you-mean), bad values or an unreadable config file.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv = resolve_cpu_flag(rewrite_legacy_flags(expand_config(argv)))
+    argv = _with_cpu_flag(rewrite_legacy_flags(expand_config(argv)))
     parser = build_preference_parser()
     try:
         model, data, finetune, preference, training, remaining = parser.parse_args_into_dataclasses(
@@ -124,6 +125,15 @@ def parse_preference_args(argv: list[str] | None = None) -> PreferenceRun:
                        "(dpo_clm.py's default --lora_all_linear True).")
         finetune.lora_all_linear = False
     return PreferenceRun(ParsedArgs(model, data, finetune, training), preference)
+
+
+def _with_cpu_flag(argv: list[str]) -> list[str]:
+    """``--use_cpu True`` added when the run will be on the CPU, before TrainingArguments checks ``--bf16``."""
+    if _given(argv, "--use_cpu"):
+        return argv
+    device = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    device.add_argument("--device", default="auto")
+    return argv + ["--use_cpu", "True"] if runs_on_cpu(device.parse_known_args(argv)[0].device) else argv
 
 
 def _given(argv: list[str], flag: str) -> bool:

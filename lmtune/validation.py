@@ -7,12 +7,13 @@ so that one failed start shows every mistake.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from transformers import TrainingArguments
 
 from lmtune.args import DataArguments, FinetuneArguments, ParsedArgs
-from lmtune.errors import ConfigError
+from lmtune.errors import ConfigError, UnsupportedError
 from lmtune.evaluate.tasks import TaskEvalSettings
 
 
@@ -119,11 +120,17 @@ def _best_model_problems(args: ParsedArgs) -> list[str]:
     return problems
 
 
-def validate_args(args: ParsedArgs) -> None:
+def validate_args(args: ParsedArgs, checks: Sequence[Callable[[], None]] = ()) -> None:
     """Check every cross-field rule at once, before anything loads.
+
+    Args:
+        args: The parsed arguments.
+        checks: Further checks that raise (the adapter method, quantization backend, evaluation
+            and logging settings); their problems join this one error.
 
     Raises:
         ConfigError: listing every problem found, each with its fix.
+        UnsupportedError: when the only problem is something this machine lacks.
     """
     model, data, ft, training = args.model, args.data, args.finetune, args.training
     problems: list[str] = []
@@ -177,5 +184,16 @@ def validate_args(args: ParsedArgs) -> None:
     problems += _run_safety_problems(data, ft, training)
     problems += _evaluation_problems(ft)
     problems += _best_model_problems(args)
+    missing: list[UnsupportedError] = []
+    for check in checks:
+        try:
+            check()
+        except UnsupportedError as err:
+            missing.append(err)
+        except ConfigError as err:
+            problems.append(str(err).rstrip("."))
     if problems:
+        problems += [str(err).rstrip(".") for err in missing]
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
+    if missing:
+        raise missing[0]

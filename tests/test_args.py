@@ -171,3 +171,68 @@ def test_python_api_accepts_the_same_arguments(tmp_path):
     args = parse_args(argv)
     assert args.finetune.lora_target_modules == ["q_proj", "v_proj"]
     assert args.data.dataset_concatenation and args.training.max_steps == 3
+
+
+# --- one parse: every flag in --help, the model's kind from its config, one error ----------------
+
+
+def test_finetune_help_lists_every_flag_once_with_one_default(capsys):
+    from lmtune.args import build_parser
+    from lmtune.cli import main
+
+    assert main(["finetune", "--help"]) == 0
+    text = capsys.readouterr().out
+    for action in build_parser()._actions:
+        assert action.option_strings[0] in text, action.option_strings
+    for flag in ("--config FILE", "--predict_with_generate", "--generation_max_length", "--lora_rank"):
+        assert flag in text
+    entries = re.split(r"\n  (?=-)", text)
+    assert not [e for e in entries if len(re.findall(r"\(default", e)) > 1 or "(default: None)" in e]
+    assert any("Split of --dataset_name to train on (default: train," in e and "(default: None)" not in e
+               for e in entries)
+    assert "(seq2seq models only)" in next(e for e in entries if e.startswith("--predict_with_generate"))
+
+
+def test_seq2seq_flags_are_refused_for_a_causal_model():
+    argv = ["--output_dir", "o", "--predict_with_generate", "--generation_num_beams", "2"]
+    assert parse_args(argv, seq2seq=True).training.predict_with_generate is True
+    with pytest.raises(ConfigError, match=r"--generation_num_beams, --predict_with_generate: for seq2seq "
+                                          r"\(encoder-decoder\) models only"):
+        parse_args(argv, seq2seq=False)
+
+
+def test_use_cpu_and_output_dir_come_from_the_parse_not_a_scan():
+    args = parse_args(["--output_dir", "o", "--device", "cpu"])
+    assert args.training.use_cpu is True and args.training.output_dir == "o"
+    assert parse_args(["--device", "cpu", "--use_cpu", "False"]).training.use_cpu is False
+    assert parse_args([]).training.output_dir is None  # not transformers' invented "trainer_output"
+
+
+def test_one_parse_and_one_config_load_per_run(tiny_llama_dir, alpaca_file, tmp_path, monkeypatch):
+    import lmtune.args
+    import lmtune.finetune
+
+    parses, loads = [], []
+    real_parse, real_load = lmtune.args.HfArgumentParser.parse_known_args, lmtune.finetune.load_config
+    monkeypatch.setattr(lmtune.args.HfArgumentParser, "parse_known_args",
+                        lambda self, *a, **k: parses.append(1) or real_parse(self, *a, **k))
+    monkeypatch.setattr(lmtune.finetune, "load_config", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    argv = ["--model_name_or_path", str(tiny_llama_dir), "--train_file", str(alpaca_file), "--output_dir",
+            str(tmp_path / "out"), "--do_train", "--dry_run", "--max_seq_length", "128", "--report_to", "none"]
+    args = lmtune.finetune.parse_for_model(argv)
+    assert args.model_config is not None and args.model_config.model_type == "llama"
+    lmtune.finetune.run_finetune(args)
+    assert (len(parses), len(loads)) == (1, 1)
+
+
+def test_every_check_joins_one_error(tiny_llama_dir, tmp_path):
+    from lmtune.finetune import run_finetune
+
+    argv = ["--model_name_or_path", str(tiny_llama_dir), "--train_file", "t.json", "--output_dir", str(tmp_path),
+            "--lora_rank", "0", "--report_to", "no_such_tracker", "--peft", "prompt",
+            "--dataset_concatenation"]
+    with pytest.raises(ConfigError) as err:
+        run_finetune(parse_args(argv))
+    message = str(err.value)
+    assert message.startswith("invalid arguments:") and "--lora_rank must be > 0 (got 0)" in message
+    assert "no_such_tracker" in message and "--peft prompt with --dataset_concatenation" in message

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtune.args import ProcessFlags, parse_process_flags
+from lmtune.args import ProcessFlags, parse_flags
 from lmtune.cli import main, main_clm
 from lmtune.data import pipeline
 from lmtune.data.prepare import RenderSettings, prepare_data
-from lmtune.errors import UnsupportedError
+from lmtune.errors import ConfigError, UnsupportedError
 from lmtune.train.distributed import fsdp_notice, setup_process
 from lmtune.train.zero import init_deepspeed_process_group
 
@@ -51,7 +51,7 @@ def clean_launcher_env(monkeypatch):
     os.environ.update(saved)
 
 
-# --- parse_process_flags: the flags read before TrainingArguments exists ---------------------
+# --- ProcessFlags: the flags acted on before TrainingArguments exists, from the one parse -------
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
@@ -62,17 +62,21 @@ def clean_launcher_env(monkeypatch):
      ProcessFlags(ddp_backend="ccl", ddp_timeout=60)),
     (["--ddp_backend=gloo", "--deepspeed", "ds.json"], ProcessFlags(ddp_backend="gloo", deepspeed="ds.json")),
     (["--use_oneccl", "True"], ProcessFlags(ddp_backend="ccl")),
-    (["--device", "tpu"], ProcessFlags()),  # a bad value is parse_args' to report, with the full usage
 ])  # fmt: skip
-def test_parse_process_flags(argv, expected):
-    assert parse_process_flags(argv) == expected
+def test_process_flags(argv, expected):
+    assert ProcessFlags.from_flags(parse_flags(argv)) == expected
 
 
-def test_parse_process_flags_reads_config_files(tmp_path):
+def test_process_flags_read_config_files(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("device: hpu\nuse_habana: true\ndeepspeed: examples/ds_zero3_config.json\n")
-    assert parse_process_flags(["--config", str(recipe)]) == ProcessFlags(
+    assert ProcessFlags.from_flags(parse_flags([f"--config={recipe}"])) == ProcessFlags(
         device="hpu", use_habana=True, deepspeed="examples/ds_zero3_config.json")
+
+
+def test_a_bad_process_flag_fails_the_one_parse():
+    with pytest.raises(ConfigError, match="invalid arguments --device tpu"):
+        parse_flags(["--device", "tpu"])
 
 
 # --- setup_process -----------------------------------------------------------------------------

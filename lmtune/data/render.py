@@ -90,15 +90,6 @@ def _text_run(segments: Sequence[Segment]) -> int:
     return run
 
 
-def _owners(boundaries: list[int], length: int) -> list[int]:
-    """Segment index of each token, from how many leading tokens each segment's end covers."""
-    owners, start = [], 0
-    for number, stop in enumerate(boundaries):
-        owners += [number] * max(stop - start, 0)
-        start = max(start, stop)
-    return owners + [len(boundaries)] * (length - start)
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -107,55 +98,73 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _encode_runs(tokenizer: PreTrainedTokenizerBase, runs: list[list[str]]) -> list[tuple[list[int], list[int]]]:
-    """Token ids of each run's joined text, and which of the run's segments each token belongs to."""
+    """Token ids of each run's joined text, and where each of its segments but the last ends."""
     texts = ["".join(run) for run in runs]
+    out = []
     if tokenizer.is_fast:
         encoded = tokenizer(texts, return_offsets_mapping=True)
-        out = []
         for run, ids, offsets in zip(runs, encoded["input_ids"], encoded["offset_mapping"]):
-            boundaries, end = [], 0
+            ends, end = [], 0
             for text in run[:-1]:
                 end += len(text)
                 # A token that starts inside the segment is its, also one that a merge carried across
                 # (special tokens start at 0). An empty leading segment owns nothing.
-                boundaries.append(sum(1 for start, _ in offsets if start < end) if end else 0)
-            out.append((ids, _owners(boundaries, len(ids))))
+                ends.append(sum(1 for start, _ in offsets if start < end) if end else 0)
+            out.append((ids, ends))
         return out
     # Slow tokenizers have no offsets: a segment ends where the encodings of the text and of its prefix diverge.
-    out = []
     for run, text in zip(runs, texts):
         ids = tokenizer(text).input_ids
         prefixes = ["".join(run[: number + 1]) for number in range(len(run) - 1)]
-        boundaries = [_common_prefix(ids, tokenizer(prefix).input_ids) if prefix else 0 for prefix in prefixes]
-        out.append((ids, _owners(boundaries, len(ids))))
+        out.append((ids, [_common_prefix(ids, tokenizer(prefix).input_ids) if prefix else 0 for prefix in prefixes]))
     return out
+
+
+def _split(ids: list[int], ends: list[int], segments: Sequence[Segment]) -> list[tuple[list[int], str]]:
+    """The jointly tokenized text cut back into its segments (each token goes to the segment it starts in)."""
+    pieces, start = [], 0
+    for (_, kind), end in zip(segments, [*ends, len(ids)]):
+        end = min(max(start, end), len(ids))
+        pieces.append((ids[start:end], kind))
+        start = end
+    return pieces
 
 
 def _limit(pieces: list[tuple[list[int], str]], max_length: int, max_prompt_length: int | None,
            seq2seq: bool) -> tuple[list[tuple[list[int], str]] | None, int]:
     """Cut the last answer so the sample fits; None when the prompt leaves it no room. Returns tokens cut."""
-    answers = [i for i, (_, kind) in enumerate(pieces) if kind == ANSWER]
-    last = answers[-1] if answers else len(pieces)
-    prompt = sum(len(ids) for ids, _ in pieces[:last])
-    tail = sum(len(ids) for ids, _ in pieces[last + 1:])
+    last = next((i for i in range(len(pieces) - 1, -1, -1) if pieces[i][1] == ANSWER), len(pieces))
+    lengths = [len(ids) for ids, _ in pieces]
+    prompt, tail = sum(lengths[:last]), sum(lengths[last + 1:])
     room = max_length - tail - (0 if seq2seq else prompt)
     if (max_prompt_length is not None and prompt > max_prompt_length) or room < 1:
         return None, 0
-    if last == len(pieces) or len(pieces[last][0]) <= room:
+    if last == len(pieces) or lengths[last] <= room:
         return pieces, 0
-    cut = len(pieces[last][0]) - room
-    return pieces[:last] + [(pieces[last][0][:room], ANSWER)] + pieces[last + 1:], cut
+    return pieces[:last] + [(pieces[last][0][:room], ANSWER)] + pieces[last + 1:], lengths[last] - room
 
 
-def _assemble(pieces: list[tuple[list[int], str]], train_on_inputs: bool, seq2seq: bool) -> tuple[list, list]:
+def _assemble(pieces: list[tuple[list[int], str]], train_on_inputs: bool, seq2seq: bool
+              ) -> tuple[list[int], list[int], int]:
+    """``input_ids``, ``labels`` and the number of supervised labels."""
+    ids: list[int] = []
+    labels: list[int] = []
     if seq2seq:
-        source = [t for ids, kind in pieces if kind == PROMPT for t in ids]
-        return source, [t for ids, kind in pieces if kind != PROMPT for t in ids]
-    ids = [t for piece, _ in pieces for t in piece]
-    labels = [t if train_on_inputs or kind != PROMPT else IGNORE_INDEX for piece, kind in pieces for t in piece]
-    if labels:
+        for piece, kind in pieces:
+            (ids if kind == PROMPT else labels).extend(piece)
+        return ids, labels, len(labels)
+    supervised = 0
+    for piece, kind in pieces:
+        ids.extend(piece)
+        if train_on_inputs or kind != PROMPT:
+            labels.extend(piece)
+            supervised += len(piece)
+        else:
+            labels.extend([IGNORE_INDEX] * len(piece))
+    if labels and labels[0] != IGNORE_INDEX:
         labels[0] = IGNORE_INDEX  # the first token is never predicted
-    return ids, labels
+        supervised -= 1
+    return ids, labels, supervised
 
 
 def tokenize_segment_batch(
@@ -175,7 +184,7 @@ def tokenize_segment_batch(
         Columns ``input_ids``, ``labels`` and ``STAT_COLUMNS``, one entry per sample; a dropped
         sample has empty ``input_ids``/``labels`` and ``dropped`` True.
     """
-    appends_eos = tokenizer_appends_eos(tokenizer)
+    appends_eos = tokenizer_appends_eos(tokenizer) if any(batch) else False
     runs = [_text_run(segments) if segments is not None else 0 for segments in batch]
     texts = [[content for content, _ in segments[:run]] for segments, run in zip(batch, runs) if run]
     encoded = iter(_encode_runs(tokenizer, texts)) if texts else iter(())
@@ -186,18 +195,17 @@ def tokenize_segment_batch(
         if segments is not None:
             pieces = []
             if run:
-                ids, owners = next(encoded)
+                ids, ends = next(encoded)
                 if appends_eos and not seq2seq and ids and ids[-1] == tokenizer.eos_token_id:
-                    ids, owners = ids[:-1], owners[:-1]  # the end segment places EOS
-                for number in range(run):
-                    pieces.append(([t for t, o in zip(ids, owners) if o == number], segments[number][1]))
+                    ids = ids[:-1]  # the end segment places EOS
+                pieces = _split(ids, ends, segments[:run])
             pieces += [(list(content), kind) for content, kind in segments[run:]]
             pieces, cut = _limit(pieces, max_length, max_prompt_length, seq2seq)
-        input_ids, labels = _assemble(pieces, train_on_inputs, seq2seq) if pieces is not None else ([], [])
+        input_ids, labels, supervised = _assemble(pieces, train_on_inputs, seq2seq) if pieces else ([], [], 0)
         out["input_ids"].append(input_ids)
         out["labels"].append(labels)
         out["tokens"].append(len(input_ids) + (len(labels) if seq2seq else 0))
-        out["supervised_tokens"].append(sum(label != IGNORE_INDEX for label in labels))
+        out["supervised_tokens"].append(supervised)
         out["truncated_tokens"].append(cut)
         out["dropped"].append(pieces is None)
     return out
