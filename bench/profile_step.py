@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lmtune.finetune  # noqa: E402,F401  OpenMP settings first, as the CLI does
+import lmtune.finetuning  # noqa: E402,F401  OpenMP settings first, as the CLI does
 import torch  # noqa: E402
 from transformers import Trainer  # noqa: E402
 

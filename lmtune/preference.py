@@ -238,13 +238,18 @@ def finetune_dpo(**kwargs: Any) -> dict[str, Any]:
 
 
 def parse_preference(argv: list[str]) -> PreferenceRun:
-    """Set this process up (launcher environment, device), then parse argv (see ``finetune.parse_for_model``)."""
-    from lmtune.args import parse_process_flags
+    """Set this process up (launcher environment, device), then parse argv (see ``finetuning.parse_for_model``)."""
+    from lmtune.args import ParsedFlags, ProcessFlags
+    from lmtune.argv import expand_config, rewrite_legacy_flags
+    from lmtune.preference_args import build_preference_parser
     from lmtune.train.distributed import setup_process
 
-    flags = parse_process_flags(argv)
-    info = setup_process(flags.device, use_habana=flags.use_habana, use_lazy_mode=flags.use_lazy_mode,
-                         ddp_backend=flags.ddp_backend, ddp_timeout=flags.ddp_timeout, deepspeed=flags.deepspeed)
+    # The process flags only, before TrainingArguments starts accelerate; parse_preference_args reports the rest.
+    known, _ = build_preference_parser().parse_known_args(rewrite_legacy_flags(expand_config(list(argv))))
+    process = ProcessFlags.from_flags(ParsedFlags(vars(known), frozenset()))
+    info = setup_process(process.device, use_habana=process.use_habana, use_lazy_mode=process.use_lazy_mode,
+                         ddp_backend=process.ddp_backend, ddp_timeout=process.ddp_timeout,
+                         deepspeed=process.deepspeed)
     if info.rank != 0:
         logging.getLogger("lmtune").setLevel(logging.ERROR)
     return parse_preference_args(argv)

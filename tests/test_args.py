@@ -210,23 +210,23 @@ def test_use_cpu_and_output_dir_come_from_the_parse_not_a_scan():
 
 def test_one_parse_and_one_config_load_per_run(tiny_llama_dir, alpaca_file, tmp_path, monkeypatch):
     import lmtune.args
-    import lmtune.finetune
+    import lmtune.finetuning
 
     parses, loads = [], []
-    real_parse, real_load = lmtune.args.HfArgumentParser.parse_known_args, lmtune.finetune.load_config
+    real_parse, real_load = lmtune.args.HfArgumentParser.parse_known_args, lmtune.finetuning.load_config
     monkeypatch.setattr(lmtune.args.HfArgumentParser, "parse_known_args",
                         lambda self, *a, **k: parses.append(1) or real_parse(self, *a, **k))
-    monkeypatch.setattr(lmtune.finetune, "load_config", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(lmtune.finetuning, "load_config", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     argv = ["--model_name_or_path", str(tiny_llama_dir), "--train_file", str(alpaca_file), "--output_dir",
             str(tmp_path / "out"), "--do_train", "--dry_run", "--max_seq_length", "128", "--report_to", "none"]
-    args = lmtune.finetune.parse_for_model(argv)
+    args = lmtune.finetuning.parse_for_model(argv)
     assert args.model_config is not None and args.model_config.model_type == "llama"
-    lmtune.finetune.run_finetune(args)
+    lmtune.finetuning.run_finetune(args)
     assert (len(parses), len(loads)) == (1, 1)
 
 
 def test_every_check_joins_one_error(tiny_llama_dir, tmp_path):
-    from lmtune.finetune import run_finetune
+    from lmtune.finetuning import run_finetune
 
     argv = ["--model_name_or_path", str(tiny_llama_dir), "--train_file", "t.json", "--output_dir", str(tmp_path),
             "--lora_rank", "0", "--report_to", "no_such_tracker", "--peft", "prompt",
