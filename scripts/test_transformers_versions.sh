@@ -13,8 +13,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
-CORE_TESTS=(tests/test_trainer_private_hooks.py tests/test_trainer_overrides.py tests/test_loss.py
-            tests/test_packing.py tests/test_eval_during_training.py tests/test_finetune_e2e.py tests/test_resume.py)
+# LMTUNE_CORE_TESTS="tests/a.py tests/b.py" runs others.
+read -r -a CORE_TESTS <<< "${LMTUNE_CORE_TESTS:-tests/test_trainer_private_hooks.py tests/test_trainer_overrides.py \
+tests/test_loss.py tests/test_packing.py tests/test_eval_during_training.py tests/test_finetune_e2e.py tests/test_resume.py}"
 versions=("$@")
 [ ${#versions[@]} -eq 0 ] && versions=(5.0.0 newest)
 work=$(mktemp -d)

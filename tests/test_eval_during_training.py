@@ -231,3 +231,14 @@ def test_lmtune_eval_scores_mbpp_on_a_model_and_its_reference_solutions(tiny_lla
                  "--output_dir", str(harness)]) == 0
     assert json.loads((harness / "eval_results.json").read_text()) == {"mbpp_pass@1": 1.0, "mbpp_problems": 5}
     assert main(["eval", "--task", "mbpp", "--output_dir", str(harness), "--model_name_or_path", "m"]) == 2
+
+
+def test_a_seq2seq_run_gets_rouge_at_every_evaluation_too(summaries, tmp_path):
+    from tiny_t5 import save_tiny_t5
+
+    model = save_tiny_t5(tmp_path / "t5")
+    out = tmp_path / "run"
+    finetune(**run_flags(model, summaries, out, max_steps=2, **summarization(summaries)))
+    entries = evaluations(out)
+    assert [entry["step"] for entry in entries] == [1, 2]
+    assert all("eval_rougeL" in entry and entry["eval_metric_samples"] == 3 for entry in entries)
