@@ -132,6 +132,9 @@ def test_early_stopping_ends_a_run_whose_metric_stopped_improving_and_keeps_the_
     last = load_file(out / "checkpoint-3" / "adapter_model.safetensors")
     assert all(torch.equal(final[k], best[k]) for k in best)
     assert not all(torch.equal(final[k], last[k]) for k in last)
+    card = (out / "README.md").read_text()
+    assert "These weights are the best checkpoint, step 1 (humaneval_pass@1 = 0)." in card
+    assert "![task metrics of the evaluations during training](metrics_curve.png)" in card
 
 
 def test_a_resumed_run_keeps_the_best_metric_and_the_patience_counter(
