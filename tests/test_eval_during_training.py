@@ -132,6 +132,9 @@ def test_early_stopping_ends_a_run_whose_metric_stopped_improving_and_keeps_the_
     last = load_file(out / "checkpoint-3" / "adapter_model.safetensors")
     assert all(torch.equal(final[k], best[k]) for k in best)
     assert not all(torch.equal(final[k], last[k]) for k in last)
+    card = (out / "README.md").read_text()
+    assert "These weights are the best checkpoint, step 1 (humaneval_pass@1 = 0)." in card
+    assert "![task metrics of the evaluations during training](metrics_curve.png)" in card
 
 
 def test_a_resumed_run_keeps_the_best_metric_and_the_patience_counter(
@@ -231,3 +234,14 @@ def test_lmtune_eval_scores_mbpp_on_a_model_and_its_reference_solutions(tiny_lla
                  "--output_dir", str(harness)]) == 0
     assert json.loads((harness / "eval_results.json").read_text()) == {"mbpp_pass@1": 1.0, "mbpp_problems": 5}
     assert main(["eval", "--task", "mbpp", "--output_dir", str(harness), "--model_name_or_path", "m"]) == 2
+
+
+def test_a_seq2seq_run_gets_rouge_at_every_evaluation_too(summaries, tmp_path):
+    from tiny_t5 import save_tiny_t5
+
+    model = save_tiny_t5(tmp_path / "t5")
+    out = tmp_path / "run"
+    finetune(**run_flags(model, summaries, out, max_steps=2, **summarization(summaries)))
+    entries = evaluations(out)
+    assert [entry["step"] for entry in entries] == [1, 2]
+    assert all("eval_rougeL" in entry and entry["eval_metric_samples"] == 3 for entry in entries)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.errors import ConfigError
-from lmtune.export.plots import LOSS_CURVE_FILE, plot_loss_curve, plot_metric_curves
+from lmtune.export.plots import LOSS_CURVE_FILE, METRICS_CURVE_FILE, plot_loss_curve, plot_metric_curves
 from lmtune.run_record import ARGS_FILE
 
 CARD_FILE = "README.md"
@@ -120,12 +120,15 @@ def _usage_lines(base: str, output_dir: str, full: bool) -> list[str]:
     ]
 
 
-def _results_lines(state: dict[str, Any], results: dict[str, Any], training: dict[str, Any], plot: bool
-                   ) -> list[str]:
+def _results_lines(state: dict[str, Any], results: dict[str, Any], training: dict[str, Any], plot: bool,
+                   metrics_plot: bool = False) -> list[str]:
     max_steps = state.get("max_steps") or training.get("max_steps")
     of = f" of {max_steps}" if max_steps and max_steps > 0 else ""
     lines = [f"Trained {state.get('global_step', '?')}{of} optimizer steps "
              f"({float(state.get('epoch') or 0):.2f} epochs).", ""]
+    if training.get("load_best_model_at_end") and state.get("best_global_step"):
+        lines[0] += (f" These weights are the best checkpoint, step {state['best_global_step']} "
+                     f"({training.get('metric_for_best_model')} = {_cell(state.get('best_metric'))}).")
     shown = ("train_loss", "eval_loss", "eval_ppl", "train_runtime", "train_samples_per_second")
     rows = [(key, results[key]) for key in shown if key in results]
     rows += [(key, value) for key, value in results.items()
@@ -134,6 +137,8 @@ def _results_lines(state: dict[str, Any], results: dict[str, Any], training: dic
     lines += _table(rows, ("metric", "value")) if rows else ["No final metrics were recorded."]
     if plot:
         lines += ["", f"![train and eval loss against optimizer steps]({LOSS_CURVE_FILE})"]
+    if metrics_plot:
+        lines += ["", f"![task metrics of the evaluations during training]({METRICS_CURVE_FILE})"]
     return lines
 
 
@@ -146,6 +151,7 @@ def render_model_card(
     output_dir: str,
     plot: bool = False,
     world_size: int | None = None,
+    metrics_plot: bool = False,
 ) -> str:
     """The card's Markdown from the run's saved files (already parsed)."""
     args, versions = run.get("args", {}), run.get("versions", {})
@@ -169,7 +175,7 @@ def render_model_card(
         "## Data", "", *_data_lines(data, results), "",
         "## Method", "", *_table(_preference_rows(preference) + _method_rows(finetune, adapter)), "",
         "## Training hyperparameters", "", *_table(hyper), "",
-        "## Results", "", *_results_lines(state, results, training, plot), "",
+        "## Results", "", *_results_lines(state, results, training, plot, metrics_plot), "",
         "## How to use", "", *_usage_lines(base, output_dir, full), "",
         "## Library versions", "", *_table([(lib, versions.get(lib)) for lib in LIBRARIES if versions.get(lib)],
                                           ("library", "version")), "",
@@ -201,6 +207,7 @@ def write_model_card(output_dir: str | Path, *, world_size: int | None = None) -
         run, _read_json(path / "trainer_state.json"), _read_json(path / "all_results.json"),
         _read_json(path / "adapter_config.json"), output_dir=str(output_dir),
         plot=(path / LOSS_CURVE_FILE).is_file(), world_size=world_size,
+        metrics_plot=(path / METRICS_CURVE_FILE).is_file(),
     )
     tmp = path / (CARD_FILE + ".tmp")
     tmp.write_text(card, encoding="utf-8")

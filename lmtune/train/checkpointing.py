@@ -2,7 +2,8 @@
 
 Contract:
 - A directory ``output_dir/checkpoint-N`` holding ``COMPLETE_MARKER`` is complete. The Trainer
-  writes each checkpoint into ``output_dir/.staging-checkpoint-N/checkpoint-N``; only once every
+  writes each checkpoint into ``output_dir/.staging-checkpoint-N/checkpoint-N``
+  (``save_checkpoint_atomically``); only once every
   file is written and synced is the marker added and the directory renamed into place. A rename
   within one file system is atomic, so a kill at any moment leaves either the old set of
   checkpoints or the new one, plus at most a staging directory that the next run removes.
@@ -21,7 +22,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -136,53 +137,75 @@ def save_failure(err: BaseException, output_dir: Path, name: str) -> CheckpointS
     )
 
 
-class AtomicCheckpointMixin:
-    """Trainer hooks that make ``_save_checkpoint`` write into a staging directory, then rename.
+def save_checkpoint_atomically(trainer, run_dir: Path, stock_save: Callable[[], None]) -> None:
+    """Run the Trainer's own checkpoint save into a staging directory, then publish it with one rename.
 
-    Overriding the Trainer's one save hook (not re-implementing it) keeps every file the stock
-    Trainer writes (model, optimizer, scheduler, RNG, trainer state) while changing only where it
-    lands first. ``_get_output_dir`` is the single place the stock hook asks for its directory.
+    Calling the stock save (not re-implementing it) keeps every file the Trainer writes (model,
+    optimizer, scheduler, RNG, trainer state) while changing only where it lands first: while
+    ``stock_save`` runs, ``trainer.staging_run_dir`` names the staging directory, which the
+    Trainer's ``_get_output_dir`` returns (``train/trainer.py``), the one place its save asks.
+
+    Args:
+        trainer: The Trainer saving (its state, arguments and accelerator are read).
+        run_dir: Where ``checkpoint-N`` is published.
+        stock_save: The stock ``_save_checkpoint`` of this step, bound to its arguments.
+
+    Raises:
+        CheckpointSaveError: when the disk is full or unwritable (the partial save removed).
+    """
+    args = trainer.args
+    name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    staging = run_dir / f"{STAGING_PREFIX}{name}"
+    if args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.staging_run_dir = str(staging)
+    try:
+        stock_save()
+        _fix_best_checkpoint_path(trainer, staging / name, run_dir / name)
+        trainer.accelerator.wait_for_everyone()  # every rank's RNG file is in place
+        if args.should_save:
+            commit_checkpoint(staging / name, run_dir / name, trainer.state.global_step)
+            shutil.rmtree(staging, ignore_errors=True)
+            # The stock save rotated inside the staging directory; rotate the real one.
+            rotate_checkpoints(str(run_dir), save_total_limit=args.save_total_limit,
+                               best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
+    except Exception as err:
+        if args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        if _is_disk_problem(err):
+            raise save_failure(err, run_dir, name) from err
+        raise
+    finally:
+        trainer.staging_run_dir = None
+    trainer.accelerator.wait_for_everyone()
+
+
+def _fix_best_checkpoint_path(trainer, staged: Path, final: Path) -> None:
+    """The stock save records the best checkpoint by the path it wrote; point it at the final one."""
+    state = trainer.state
+    if state.best_model_checkpoint and Path(state.best_model_checkpoint) == staged:
+        state.best_model_checkpoint = str(final)
+        if trainer.args.should_save:
+            state.save_to_json(str(staged / "trainer_state.json"))
+
+
+class AtomicCheckpointMixin:
+    """Atomic checkpoints for a Trainer built outside ``train/trainer.py`` that mixes this in.
+
+    Kept so that such trainers (the preference trainer of the ``dpo`` work) keep working; the
+    trainers of ``train/trainer.py`` override the two private methods in their own body instead,
+    which is the shape to move to (no mixins).
     """
 
-    _staging_run_dir: str | None = None
+    staging_run_dir: str | None = None
 
     def _get_output_dir(self, trial) -> str:
-        return self._staging_run_dir or super()._get_output_dir(trial)
+        return self.staging_run_dir or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = run_dir / f"{STAGING_PREFIX}{name}"
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self._staging_run_dir = str(staging)
-        try:
-            super()._save_checkpoint(model, trial)
-            self._fix_best_checkpoint_path(staging / name, run_dir / name)
-            self.accelerator.wait_for_everyone()  # every rank's RNG file is in place
-            if self.args.should_save:
-                commit_checkpoint(staging / name, run_dir / name, self.state.global_step)
-                shutil.rmtree(staging, ignore_errors=True)
-                # The stock hook rotated inside the staging directory; rotate the real one.
-                rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        except Exception as err:
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            if _is_disk_problem(err):
-                raise save_failure(err, run_dir, name) from err
-            raise
-        finally:
-            self._staging_run_dir = None
-        self.accelerator.wait_for_everyone()
-
-    def _fix_best_checkpoint_path(self, staged: Path, final: Path) -> None:
-        """The stock hook records the best checkpoint by the path it wrote; point it at the final one."""
-        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
-            self.state.best_model_checkpoint = str(final)
-            if self.args.should_save:
-                self.state.save_to_json(str(staged / "trainer_state.json"))
+        stock_save, run_dir = super()._save_checkpoint, Path(super()._get_output_dir(trial))
+        save_checkpoint_atomically(self, run_dir, lambda: stock_save(model, trial))
 
 
 class StopOnSignal(TrainerCallback):

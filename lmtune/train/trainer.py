@@ -1,25 +1,30 @@
 """Build the stock transformers Trainer for a run.
 
-One small subclass adds what the stock Trainer lacks: ``eval_ppl`` next to every
-``eval_loss`` it logs (the reference monkeypatched ``Trainer.evaluate`` globally for that),
-the task's metric at every evaluation during training (``train/eval_metrics.py``),
-checkpoints written atomically (``train/checkpointing.py``), and a training loss that
-never materializes the batch's full logits (``train/loss.py``). Two stock choices change:
-DDP does not search for unused parameters in adapter runs (every adapter parameter is
-used each step), and ``training_args.bin`` is written without the hub token.
+One subclass per model kind (``LmtuneTrainer`` for causal LMs, ``LmtuneSeq2SeqTrainer``),
+each with all its overrides in its own body, adds what the stock Trainer lacks: ``eval_ppl``
+next to every ``eval_loss`` it logs (the reference monkeypatched ``Trainer.evaluate`` globally
+for that), the task's metric at every evaluation during training (``train/eval_metrics.py``),
+checkpoints written atomically (``train/checkpointing.py``), and (causal LMs) a training loss
+that never materializes the batch's full logits (``train/loss.py``). The behaviour lives in
+functions both call. Two stock choices change: DDP does not search for unused parameters in
+adapter runs (every adapter parameter is used each step; set through the public
+``ddp_find_unused_parameters`` of a copy of the arguments), and ``training_args.bin`` is
+written without the hub token. Private methods are overridden only where no public hook
+exists (``PRIVATE_HOOKS``), and checked when a Trainer is built.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy as copy_module
 import copyreg
 import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedDataParallelKwargs
 from datasets import Dataset
 from peft import PeftModel
 from transformers import (
@@ -30,40 +35,14 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_utils import EvalLoopOutput
 
 from lmtune.evaluate.perplexity import perplexity_from_loss
-from lmtune.train.checkpointing import AtomicCheckpointMixin
+from lmtune.train.checkpointing import save_checkpoint_atomically
 from lmtune.train.eval_metrics import TaskMetricsCallback
 from lmtune.train.loss import causal_lm_loss_sum
 
 logger = logging.getLogger(__name__)
-
-
-class EvaluationMixin:
-    """Adds ``<prefix>_ppl`` wherever an ``eval_loss`` (or ``<prefix>_loss`` of an eval split) is logged,
-    and the task's metrics to every evaluation during training (``train/eval_metrics.py``)."""
-
-    report_perplexity: bool = True
-    task_metrics: TaskMetricsCallback | None = None
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
-        # The public hook between the loss loop and the Trainer's log, best-model choice and
-        # on_evaluate callbacks: what is added here reaches all three.
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                         metric_key_prefix)
-        if self.task_metrics is not None and metric_key_prefix == "eval":
-            extra = self.task_metrics.compute(self.model, self.processing_class, self.args)
-            output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in extra.items()})
-        return output
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self.report_perplexity:
-            for key in [k for k in logs if k.startswith("eval_") and k.endswith("loss")]:
-                # A NaN loss is logged as NaN perplexity: one bad evaluation must not end a long run.
-                loss = logs[key]
-                logs[key[: -len("loss")] + "ppl"] = math.nan if math.isnan(loss) else perplexity_from_loss(loss)
-        super().log(logs, *args, **kwargs)
 
 
 def adapter_find_unused_parameters(model: torch.nn.Module) -> bool | None:
@@ -125,31 +104,6 @@ def secrets_left_out_of_pickles(args_type: type[TrainingArguments]) -> Iterator[
             copyreg.dispatch_table[args_type] = previous
 
 
-class StockOverridesMixin:
-    """Two stock Trainer choices lmtune changes, each in the hook where transformers makes it."""
-
-    def _build_accelerator_args(self, **kwargs) -> dict:
-        accelerator_args = super()._build_accelerator_args(**kwargs)
-        # An explicit --ddp_find_unused_parameters (True or False) is the user's; leave it.
-        choice = adapter_find_unused_parameters(self.model) if self.args.ddp_find_unused_parameters is None else None
-        if choice is not None:
-            for handler in accelerator_args.get("kwargs_handlers", []):
-                if isinstance(handler, DistributedDataParallelKwargs):
-                    handler.find_unused_parameters = choice
-            if self.args.world_size > 1 and self.args.process_index == 0:  # said once, not per rank
-                logger.info("DDP: find_unused_parameters=%s, as every adapter parameter is used each step; "
-                            "pass --ddp_find_unused_parameters True to override.", choice)
-        return accelerator_args
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        with secrets_left_out_of_pickles(type(self.args)):
-            super().save_model(output_dir, _internal_call)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        with secrets_left_out_of_pickles(type(self.args)):
-            super()._push_from_checkpoint(checkpoint_folder)
-
-
 # Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``: no logit
 # soft-capping (Gemma 2/3), scaling (Cohere, Granite) or auxiliary loss (Mixtral routers).
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt_neox", "phi3"})
@@ -173,13 +127,72 @@ def _plain_head_parts(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     return model.get_decoder(), head
 
 
-class LmtuneTrainer(StockOverridesMixin, AtomicCheckpointMixin, EvaluationMixin, Trainer):
-    """The stock Trainer plus perplexity, atomic checkpoints, a lean training loss and the stock overrides.
+def add_eval_perplexity(logs: dict[str, float]) -> None:
+    """Add ``<prefix>_ppl`` beside every ``eval_loss`` (or ``<prefix>_loss`` of an eval split) in ``logs``."""
+    for key in [k for k in logs if k.startswith("eval_") and k.endswith("loss")]:
+        # A NaN loss is logged as NaN perplexity: one bad evaluation must not end a long run.
+        loss = logs[key]
+        logs[key[: -len("loss")] + "ppl"] = math.nan if math.isnan(loss) else perplexity_from_loss(loss)
 
-    The training loss is computed from hidden states (``train/loss.py``): the output head
-    runs only on labelled positions and never holds the whole batch's float32 logits.
-    Evaluation, and models outside ``PLAIN_HEAD_MODEL_TYPES``, keep the stock path.
+
+def add_task_metrics(trainer: Trainer, output: EvalLoopOutput, metric_key_prefix: str) -> EvalLoopOutput:
+    """The task's metrics of an evaluation during training, added to the loss loop's metrics.
+
+    ``evaluation_loop`` is the public hook between the loss loop and what the Trainer does
+    with its metrics (log, best-model choice, ``on_evaluate`` callbacks): added here, they reach all three.
     """
+    if trainer.task_metrics is not None and metric_key_prefix == "eval":
+        extra = trainer.task_metrics.compute(trainer.model, trainer.processing_class, trainer.args)
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in extra.items()})
+    return output
+
+
+# Private Trainer methods lmtune overrides because no public hook exists: atomic checkpoints must
+# change where the stock save writes (``_get_output_dir``) and act around it (``_save_checkpoint``);
+# callbacks run only after the files are in place. Checked against transformers 5.25, with the
+# parameters below; tests/test_trainer_private_hooks.py fails when a release renames them,
+# changes their parameters, or stops routing the save through them.
+PRIVATE_HOOKS: dict[str, tuple[str, ...]] = {
+    "_get_output_dir": ("self", "trial"),
+    "_save_checkpoint": ("self", "model", "trial"),
+}
+
+
+def check_private_hooks(base: type[Trainer]) -> None:
+    """Fail at once, not silently later, when this transformers lacks a private method lmtune overrides.
+
+    Raises:
+        RuntimeError: naming the method and the installed transformers version.
+    """
+    import inspect
+
+    import transformers
+
+    for name, parameters in PRIVATE_HOOKS.items():
+        method = getattr(base, name, None)
+        found = tuple(inspect.signature(method).parameters) if method is not None else None
+        if found != parameters:
+            raise RuntimeError(
+                f"transformers {transformers.__version__}: {base.__name__}.{name}{found or ' is missing'}; lmtune "
+                f"overrides it as {name}{parameters} (checked with transformers 5.25) for atomic checkpoints. "
+                "Install a transformers version lmtune supports (see pyproject.toml)."
+            )
+
+
+class LmtuneTrainer(Trainer):
+    """The stock Trainer for causal LMs, with every lmtune override in this one class.
+
+    Public hooks: ``compute_loss`` (the lean loss of ``train/loss.py``: the output head runs
+    only on labelled positions and never holds the whole batch's float32 logits; evaluation and
+    models outside ``PLAIN_HEAD_MODEL_TYPES`` keep the stock loss), ``log`` (``eval_ppl``),
+    ``evaluation_loop`` (task metrics during training) and ``save_model`` (no hub token in
+    ``training_args.bin``). Private ones, see ``PRIVATE_HOOKS``: ``_get_output_dir`` and
+    ``_save_checkpoint`` (atomic checkpoints, ``train/checkpointing.py``).
+    """
+
+    report_perplexity: bool = True
+    task_metrics: TaskMetricsCallback | None = None
+    staging_run_dir: str | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         parts = _plain_head_parts(model)
@@ -201,9 +214,96 @@ class LmtuneTrainer(StockOverridesMixin, AtomicCheckpointMixin, EvaluationMixin,
             loss = loss * self.accelerator.num_processes
         return loss
 
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self.report_perplexity:
+            add_eval_perplexity(logs)
+        super().log(logs, *args, **kwargs)
 
-class LmtuneSeq2SeqTrainer(StockOverridesMixin, AtomicCheckpointMixin, EvaluationMixin, Seq2SeqTrainer):
-    """The stock Seq2SeqTrainer plus perplexity, atomic checkpoints and the stock overrides."""
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        return add_task_metrics(self, output, metric_key_prefix)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with secrets_left_out_of_pickles(type(self.args)):
+            super().save_model(output_dir, _internal_call)
+
+    def _get_output_dir(self, trial) -> str:
+        return self.staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        stock_save, run_dir = super()._save_checkpoint, Path(super()._get_output_dir(trial))
+        # The stock save also pushes to the hub from the checkpoint, pickling the arguments again.
+        with secrets_left_out_of_pickles(type(self.args)):
+            save_checkpoint_atomically(self, run_dir, lambda: stock_save(model, trial))
+
+
+class LmtuneSeq2SeqTrainer(Seq2SeqTrainer):
+    """The stock Seq2SeqTrainer with the overrides of ``LmtuneTrainer`` but the loss (see there)."""
+
+    report_perplexity: bool = True
+    task_metrics: TaskMetricsCallback | None = None
+    staging_run_dir: str | None = None
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self.report_perplexity:
+            add_eval_perplexity(logs)
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        return add_task_metrics(self, output, metric_key_prefix)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with secrets_left_out_of_pickles(type(self.args)):
+            super().save_model(output_dir, _internal_call)
+
+    def _get_output_dir(self, trial) -> str:
+        return self.staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        stock_save, run_dir = super()._save_checkpoint, Path(super()._get_output_dir(trial))
+        with secrets_left_out_of_pickles(type(self.args)):
+            save_checkpoint_atomically(self, run_dir, lambda: stock_save(model, trial))
+
+
+def _with_ddp_choice(args: TrainingArguments, model: torch.nn.Module) -> TrainingArguments:
+    """The arguments the Trainer gets: a copy with ``ddp_find_unused_parameters`` set when lmtune
+    chooses it for an adapter model (the public field transformers reads), else ``args`` itself."""
+    # An explicit --ddp_find_unused_parameters (True or False) is the user's; leave it.
+    choice = adapter_find_unused_parameters(model) if args.ddp_find_unused_parameters is None else None
+    if choice is None:
+        return args
+    if args.world_size > 1 and args.process_index == 0:  # said once, not per rank
+        logger.info("DDP: find_unused_parameters=%s, as every adapter parameter is used each step; "
+                    "pass --ddp_find_unused_parameters True to override.", choice)
+    copy = copy_module.copy(args)  # the caller's arguments stay as they were
+    copy.ddp_find_unused_parameters = choice
+    return copy
+
+
+class StockOverridesMixin:
+    """lmtune's two stock changes for a Trainer built outside ``build_trainer`` that mixes this in.
+
+    Kept so that such trainers (the preference trainer of the ``dpo`` work, with
+    ``AtomicCheckpointMixin`` after this) keep working; ``LmtuneTrainer`` and
+    ``LmtuneSeq2SeqTrainer`` override in their own body instead, the shape to move to.
+    """
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *pos, **kwargs) -> None:
+        super().__init__(model, args if args is None or model is None else _with_ddp_choice(args, model), *pos,
+                         **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with secrets_left_out_of_pickles(type(self.args)):
+            super().save_model(output_dir, _internal_call)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        with secrets_left_out_of_pickles(type(self.args)):  # the hub push inside pickles the arguments
+            super()._save_checkpoint(model, trial)
 
 
 def build_trainer(
@@ -240,9 +340,10 @@ def build_trainer(
         The Trainer, ready for ``train()`` / ``evaluate()``.
     """
     trainer_cls = LmtuneSeq2SeqTrainer if seq2seq else LmtuneTrainer
+    check_private_hooks(trainer_cls.__mro__[1])
     trainer = trainer_cls(
         model=model,
-        args=training_args,
+        args=_with_ddp_choice(training_args, model),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=data_collator,
