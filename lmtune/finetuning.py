@@ -44,6 +44,7 @@ from lmtune.model.load import (
     resolve_dtype,
 )
 from lmtune.model.base_model import absolute_model_path
+from lmtune.model.context import fit_to_context
 from lmtune.model.upcast import upcast_compute
 from lmtune.train.distributed import check_device, fsdp_notice, setup_process
 from lmtune.train.checkpointing import StopOnSignal
@@ -306,6 +307,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         token=model_args.token, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
     )
     seq2seq = is_seq2seq(config)
+    data_args.max_seq_length = fit_to_context(data_args.max_seq_length, config, "--max_seq_length")
     tokenizer = load_tokenizer(
         model_args.model_name_or_path, tokenizer_name=model_args.tokenizer_name,
         use_fast=model_args.use_fast_tokenizer, revision=model_args.model_revision, token=model_args.token,

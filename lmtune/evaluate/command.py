@@ -37,6 +37,7 @@ from lmtune.evaluate.tasks import (
     score_reference_solutions,
 )
 from lmtune.model.base_model import recorded_base_model
+from lmtune.model.context import fit_to_context
 from lmtune.model.load import fit_embeddings_to_tokenizer, is_seq2seq, load_config, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -216,7 +217,8 @@ def dataset_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
 
 def _perplexity(args: EvalArguments, model, tokenizer) -> dict[str, float]:
-    settings = RenderSettings(max_seq_length=args.max_seq_length, max_source_length=args.max_source_length,
+    max_seq_length = fit_to_context(args.max_seq_length, model.config, "--max_seq_length")
+    settings = RenderSettings(max_seq_length=max_seq_length, max_source_length=args.max_source_length,
                               max_target_length=args.max_target_length, chat_template=args.chat_template,
                               skip_invalid_records=args.skip_invalid_records)
     data = prepare_data(tokenizer, task=args.data_task, validation_file=args.validation_file,
