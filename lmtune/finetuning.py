@@ -315,6 +315,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         special_tokens=data_args.special_tokens, model_type=config.model_type,
     )
     data = _prepare(args, tokenizer, seq2seq=seq2seq)
+    ft.task = data.task or ft.task  # chat, when picked from the records' fields: lmtune chat reads it back
     _carry_chat_template(args, tokenizer)
     if ft.dry_run:
         return _report_data(args, tokenizer, data, seq2seq=seq2seq)

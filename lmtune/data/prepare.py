@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmtune.data.chat import render_chat_records
 from lmtune.data.empty_records import drop_empty_records
-from lmtune.data.formats import to_examples
+from lmtune.data.formats import task_for_fields, to_examples
 from lmtune.data.packing import PackingStats, pack_examples
 from lmtune.data.render import RenderStats, render_examples
 from lmtune.data.seq2seq import SEQ2SEQ_TASKS, check_seq2seq_packing, render_seq2seq_records
@@ -110,6 +110,7 @@ class PreparedData:
     raw_validation: datasets.Dataset | None = None
     stats: dict[str, RenderStats] = field(default_factory=dict)
     packing: PackingStats | None = None
+    task: str | None = None  # the task the data was rendered for: --task, or chat picked from the fields
 
 
 def _report(split: str, source: str, stats: RenderStats) -> None:
@@ -170,7 +171,6 @@ def prepare_data(
         raise ConfigError(f"--task {task} is not supported; choose one of {', '.join(renderers)}.")
     if seq2seq:
         check_seq2seq_packing(dataset_concatenation)
-    renderer = renderers[task]
     splits = load_splits(
         train_file=train_file, validation_file=validation_file, dataset_name=dataset_name,
         dataset_config_name=dataset_config_name, train_split=train_split, validation_split=validation_split,
@@ -182,7 +182,10 @@ def prepare_data(
             "--do_eval needs validation data: pass --validation_file, a dataset with a validation split "
             "(or --validation_split NAME), or --validation_split_percentage N to hold out N% of the training data."
         )
-    prepared = PreparedData()
+    if splits:
+        task = task_for_fields(task, next(iter(splits.values())).column_names)
+    renderer = renderers[task]
+    prepared = PreparedData(task=task)
     source = dataset_name or train_file or ""
     if need_train and "train" in splits:
         raw = drop_empty_records(_head(splits["train"], max_train_samples), task=task, source=source,
