@@ -27,11 +27,21 @@ def _finetune(argv: list[str], seq2seq: bool | None) -> int:
 
         build_parser(bool(seq2seq)).print_help()
         return 0
-    metrics = run_finetune(parse_for_model(argv, seq2seq=seq2seq))
-    loss = metrics.get("train_loss")
-    if loss is not None and is_main_process():  # one line per job, not one per rank
-        print(f"lmtune: training loss {loss:.4f}")
+    args = parse_for_model(argv, seq2seq=seq2seq)
+    metrics = run_finetune(args)
+    if "train_loss" in metrics and is_main_process():  # one line per job, not one per rank
+        print(final_line(metrics, args.training.output_dir))
     return 0
+
+
+def final_line(metrics: dict, output_dir: str) -> str:
+    """The last line of a run: its losses and where the adapter is."""
+    figures = [f"training loss {metrics['train_loss']:.4f}"]
+    if "eval_loss" in metrics:
+        figures.append(f"eval loss {metrics['eval_loss']:.4f}")
+    if "eval_ppl" in metrics:
+        figures.append(f"eval perplexity {metrics['eval_ppl']:.2f}")
+    return f"lmtune: {', '.join(figures)}; adapter in {output_dir}"
 
 
 def _launch(argv: list[str]) -> int:
