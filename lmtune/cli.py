@@ -29,9 +29,8 @@ def _finetune(argv: list[str], seq2seq: bool | None) -> int:
     except HelpShown:
         return 0
     metrics = run_finetune(args)
-    loss = metrics.get("train_loss")
-    if loss is not None and is_main_process():  # one line per job, not one per rank
-        print(f"lmtune: training loss {loss:.4f}")
+    if "train_loss" in metrics and is_main_process():  # one line per job, not one per rank
+        print(final_line(metrics, args.training.output_dir))
     return 0
 
 
@@ -44,10 +43,21 @@ def _dpo(argv: list[str]) -> int:
 
         build_preference_parser().print_help()
         return 0
-    metrics = run_preference(parse_preference(argv))
+    run = parse_preference(argv)
+    metrics = run_preference(run)
     if "train_loss" in metrics and is_main_process():
-        print(f"lmtune: training loss {metrics['train_loss']:.4f}")
+        print(final_line(metrics, run.args.training.output_dir))
     return 0
+
+
+def final_line(metrics: dict, output_dir: str) -> str:
+    """The last line of a run: its losses and where the adapter is."""
+    figures = [f"training loss {metrics['train_loss']:.4f}"]
+    if "eval_loss" in metrics:
+        figures.append(f"eval loss {metrics['eval_loss']:.4f}")
+    if "eval_ppl" in metrics:
+        figures.append(f"eval perplexity {metrics['eval_ppl']:.2f}")
+    return f"lmtune: {', '.join(figures)}; adapter in {output_dir}"
 
 
 def _launch(argv: list[str]) -> int:

@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,9 +45,10 @@ from lmtune.model.load import (
     resolve_dtype,
 )
 from lmtune.model.base_model import absolute_model_path
+from lmtune.model.context import fit_to_context
 from lmtune.model.upcast import upcast_compute
 from lmtune.train.distributed import check_device, fsdp_notice, setup_process
-from lmtune.train.checkpointing import StopOnSignal
+from lmtune.train.checkpointing import StopOnSignal, checkpoint_step
 from lmtune.train.cpu import check_bf16
 from lmtune.run_record import write_run_args
 from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir
@@ -62,6 +64,7 @@ from lmtune.train.progress import check_report_to, configure_messages, install_p
 from lmtune.train.eval_metrics import evaluation_callbacks
 from lmtune.train.startup import StartupPhases, StartupReport
 from lmtune.train.trainer import build_trainer
+from lmtune.train.whole_run import whole_run_train_loss
 from lmtune.train.zero import whole_weights
 from lmtune.validation import task_eval_settings, validate_args
 
@@ -279,6 +282,19 @@ def _evaluation_callbacks(args: ParsedArgs, data: PreparedData, *, generated_rou
                                 threshold=ft.early_stopping_threshold)
 
 
+def _train_metrics(metrics: dict[str, Any], state, checkpoint: str | None, data: PreparedData) -> dict[str, Any]:
+    """The Trainer's metrics with the loss of the whole run (also after a resume), and samples told
+    apart from the packed rows that hold them."""
+    metrics = dict(metrics, train_samples=data.stats["train"].kept)
+    if data.packing is not None:
+        metrics["train_rows"] = len(data.train)
+    resumed_at = checkpoint_step(Path(checkpoint)) if checkpoint else None
+    if resumed_at:
+        metrics["train_loss"] = whole_run_train_loss(state.log_history, resumed_at, state.global_step,
+                                                     metrics["train_loss"])
+    return metrics
+
+
 def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     """Run one fine-tuning job as the arguments describe.
 
@@ -317,6 +333,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         token=model_args.token, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
     )
     seq2seq = is_seq2seq(config)
+    data_args.max_seq_length = fit_to_context(data_args.max_seq_length, config, "--max_seq_length")
     tokenizer = load_tokenizer(
         model_args.model_name_or_path, tokenizer_name=model_args.tokenizer_name,
         use_fast=model_args.use_fast_tokenizer, revision=model_args.model_revision, token=model_args.token,
@@ -324,6 +341,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         special_tokens=data_args.special_tokens, model_type=config.model_type,
     )
     data = _prepare(args, tokenizer, seq2seq=seq2seq)
+    ft.task = data.task or ft.task  # chat, when picked from the records' fields: lmtune chat reads it back
     _carry_chat_template(args, tokenizer)
     phases.mark("tokenizer and data")
     if ft.dry_run:
@@ -353,7 +371,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         if stopper.received is not None:
             raise stopper.interruption(trainer.state, training.output_dir)
         trainer.save_model()
-        train_metrics = dict(result.metrics, train_samples=len(data.train))
+        train_metrics = _train_metrics(result.metrics, trainer.state, checkpoint, data)
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()

@@ -66,3 +66,6 @@ def test_adapter_trained_from_a_relative_path_is_used_from_elsewhere(tiny_llama_
     assert main(["eval", "--adapter", adapter, "--task", "perplexity", "--validation_file",
                  str(work / "data.jsonl"), "--max_eval_samples", "4", "--output_dir", "eval"]) == 0
     assert "error" not in capsys.readouterr().err
+    evaluated = json.loads((elsewhere / "eval" / "eval_results.json").read_text())["evaluated"]
+    assert evaluated == {"task": "perplexity", "model": base, "adapter": adapter, "max_eval_samples": 4,
+                         "data": {"validation_file": str(work / "data.jsonl")}}

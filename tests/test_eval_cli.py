@@ -26,7 +26,9 @@ def test_reference_solutions_pass_all_164_problems(shared_data, tmp_path, capsys
     code = main(["eval", "--task", "humaneval", "--humaneval_file", str(shared_data / "eval" / "HumanEval.jsonl.gz"),
                  "--reference_solutions", "--output_dir", str(out)])
     assert code == 0
-    assert results(out) == {"humaneval_pass@1": 1.0, "humaneval_problems": 164}
+    saved = results(out)
+    assert saved.pop("evaluated")["data"] == {"humaneval_file": str(shared_data / "eval" / "HumanEval.jsonl.gz")}
+    assert saved == {"humaneval_pass@1": 1.0, "humaneval_problems": 164}
     rows = [json.loads(line) for line in (out / "humaneval_results.jsonl").read_text().splitlines()]
     assert len(rows) == 164 and all(row["passed"] == [True] for row in rows)
     assert "humaneval_pass@1" in capsys.readouterr().out

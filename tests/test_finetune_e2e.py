@@ -38,7 +38,11 @@ def test_finetune_clm_writes_every_artifact_and_the_loss_falls(demo_model_dir, a
     assert len(losses) == 6 and losses[-1] < losses[0] * 0.8
     saved = json.loads((out / "lmtune_args.json").read_text())
     assert saved["args"]["finetune"]["lora_all_linear"] is True and saved["versions"]["transformers"]
-    assert "lmtune: training loss" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"lmtune: training loss {results['train_loss']:.4f}, eval loss {results['eval_loss']:.4f}, "
+        f"eval perplexity {results['eval_ppl']:.2f}; adapter in {out}")
+    # Packed: the 32 training samples sit in fewer rows, and each number is called what it is.
+    assert results["train_samples"] == 32 and results["train_rows"] < 32
 
     # The adapter is plain PEFT: it loads with peft and changes the base model's outputs.
     base = AutoModelForCausalLM.from_pretrained(demo_model_dir)

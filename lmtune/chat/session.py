@@ -35,11 +35,12 @@ from lmtune.data.chat_format import (
     names_template_file,
     resolve_chat_format,
 )
-from lmtune.errors import ConfigError, LmtuneError
+from lmtune.errors import ConfigError, DataFormatError, LmtuneError
 from lmtune.evaluate.generation import build_generation_config
 from lmtune.model.inference import load_for_use
 from lmtune.model.load import is_seq2seq
 from lmtune.run_record import read_training_settings
+from lmtune.model.context import context_length, fit_to_context
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +116,18 @@ class ChatSession:
             return completion_prompt_ids(self.tokenizer, user_text, seq2seq=is_seq2seq(self.model.config),
                                          max_prompt_tokens=self.max_prompt_tokens)
         self._encoder.clear()
-        return render_prompt(
-            self.tokenizer, self.messages_with(user_text), self.chat_format,
-            max_prompt_tokens=self.max_prompt_tokens, encoder=self._encoder,
-        )
+        try:
+            return render_prompt(self.tokenizer, self.messages_with(user_text), self.chat_format,
+                                 max_prompt_tokens=self.max_prompt_tokens, encoder=self._encoder)
+        except DataFormatError:
+            if self.system is not None or not self.chat_format.default_system:
+                raise
+            # A small model's context can be mostly taken by the format's default system prompt, so that
+            # a one-word message would be "too long": the user's words count more than the default.
+            logger.warning("the chat format's default system prompt leaves no room for the message in the "
+                           "%s-token prompt budget; continuing without it (--system sets one).", self.max_prompt_tokens)
+            self.system = ""
+            return self.prompt_ids(user_text)
 
     def reply(self, user_text: str, streamer: TextStreamer | None = None) -> str:
         """Answer ``user_text``, add both turns to the history (chat format), and return the answer text."""
@@ -213,6 +222,22 @@ def _trained_template(trained: dict[str, Any], tokenizer: PreTrainedTokenizerBas
     return "tokenizer" if tokenizer.chat_template else recorded
 
 
+def generation_budget(config, max_new_tokens: int, max_prompt_tokens: int | None) -> tuple[int, int | None]:
+    """New tokens and prompt budget that fit the model's context together; unless ``--max_prompt_tokens``
+    says otherwise, the prompt keeps at least half of the context."""
+    context = context_length(config)
+    if context is None:
+        return max_new_tokens, max_prompt_tokens
+    if max_prompt_tokens is not None:
+        prompt = fit_to_context(max_prompt_tokens, config, "--max_prompt_tokens")
+        return max(1, min(max_new_tokens, context - prompt)), prompt
+    if max_new_tokens > context // 2:
+        logger.warning("--max_new_tokens %d would leave the prompt too little of the model's context of %d "
+                       "positions; generating at most %d tokens.", max_new_tokens, context, context // 2)
+        max_new_tokens = context // 2
+    return max_new_tokens, context - max_new_tokens
+
+
 def build_session(args: ChatArguments, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> ChatSession:
     """A session with the prompt format, stop tokens and prompt budget the arguments and the run imply.
 
@@ -221,12 +246,9 @@ def build_session(args: ChatArguments, model: PreTrainedModel, tokenizer: PreTra
     """
     trained = read_training_settings(args.adapter or args.model_name_or_path)
     chat_format = choose_chat_format(args, tokenizer, trained)
-    budget = args.max_prompt_tokens
-    if budget is None:
-        context = getattr(model.config, "max_position_embeddings", None)
-        budget = context - args.max_new_tokens if context and context > args.max_new_tokens else None
+    max_new_tokens, budget = generation_budget(model.config, args.max_new_tokens, args.max_prompt_tokens)
     generation = build_generation_config(
-        model, tokenizer.pad_token_id, max_new_tokens=args.max_new_tokens, num_beams=1, do_sample=args.do_sample,
+        model, tokenizer.pad_token_id, max_new_tokens=max_new_tokens, num_beams=1, do_sample=args.do_sample,
         temperature=args.temperature, top_p=args.top_p, num_return_sequences=1,
     )
     generation.eos_token_id = stop_token_ids(model, tokenizer, chat_format)

@@ -117,11 +117,32 @@ def detect_format(columns: Iterable[str], source: str, formats: tuple[RecordForm
     hint = ""
     if set(closest.required) & present:
         hint = f" Closest: {closest.name}, which also needs {', '.join(repr(m) for m in missing)}."
+    if present & set(CONVERSATION_FIELDS):
+        hint += f" The '{sorted(present & set(CONVERSATION_FIELDS))[0]}' field holds conversations: pass --task chat."
     accepted = "; ".join(f"{f.name} ({', '.join(f.required + f.optional)})" for f in formats)
     raise DataFormatError(
         f"{source}: the records have fields {sorted(present)}, which match no known format.{hint} "
         f"Expected one of: {accepted}. Fix: rename the fields (or choose the --task that reads them)."
     )
+
+
+# Fields that hold whole conversations (``--task chat``): ultrachat's messages, ShareGPT/SlimOrca's conversations.
+CONVERSATION_FIELDS = ("messages", "conversations")
+
+
+def task_for_fields(task: str, columns: Iterable[str]) -> str:
+    """``chat`` for conversation records under the default ``--task completion``, with a notice; else ``task``.
+
+    Records with instruction fields as well stay instruction records: the notice is for data that
+    --task completion could not read at all.
+    """
+    present = set(columns or ()) - {LOCATION_COLUMN, PROBLEM_COLUMN}
+    found = sorted(present & set(CONVERSATION_FIELDS))
+    if task != "completion" or not found or any(set(f.required) <= present for f in INSTRUCTION_FORMATS):
+        return task
+    logger.warning("the records hold conversations (a '%s' field): training them as --task chat; pass --task chat "
+                   "to say so.", found[0])
+    return "chat"
 
 
 def _needs(fmt: RecordFormat) -> str:

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from lmtune.data.chat import chat_rows
 from lmtune.data.formats import check_records, instruction_segments
 from lmtune.data.empty_records import drop_empty_records
+from lmtune.data.formats import task_for_fields
 from lmtune.data.packing import PackingStats, pack_examples
 from lmtune.data.pipeline import MapSettings, RowFormat, render_dataset
 from lmtune.data.render import RenderStats, require_eos
@@ -123,6 +124,7 @@ class PreparedData:
     raw_validation: datasets.Dataset | None = None
     stats: dict[str, RenderStats] = field(default_factory=dict)
     packing: PackingStats | None = None
+    task: str | None = None  # the task the data was rendered for: --task, or chat picked from the fields
 
 
 def _report(split: str, source: str, stats: RenderStats) -> None:
@@ -189,7 +191,6 @@ def prepare_data(
         raise ConfigError(f"--task {task} is not supported; choose one of {', '.join(renderers)}.")
     if seq2seq:
         check_seq2seq_packing(dataset_concatenation)
-    renderer = renderers[task]
     splits = load_splits(
         train_file=train_file, validation_file=validation_file, dataset_name=dataset_name,
         dataset_config_name=dataset_config_name, train_split=train_split, validation_split=validation_split,
@@ -201,7 +202,10 @@ def prepare_data(
             "--do_eval needs validation data: pass --validation_file, a dataset with a validation split "
             "(or --validation_split NAME), or --validation_split_percentage N to hold out N% of the training data."
         )
-    prepared = PreparedData()
+    if splits:
+        task = task_for_fields(task, next(iter(splits.values())).column_names)
+    renderer = renderers[task]
+    prepared = PreparedData(task=task)
     source = dataset_name or train_file or ""
     mapping = MapSettings(num_proc=preprocessing_num_workers, cache_dir=dataset_cache_directory,
                           overwrite_cache=overwrite_cache, keep_in_memory=keep_in_memory, cacheable=not streaming)

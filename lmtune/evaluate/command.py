@@ -37,7 +37,8 @@ from lmtune.evaluate.tasks import (
     evaluate_summarization,
     score_reference_solutions,
 )
-from lmtune.model.base_model import recorded_base_model
+from lmtune.model.base_model import absolute_model_path, recorded_base_model
+from lmtune.model.context import fit_to_context
 from lmtune.model.inference import load_for_use
 from lmtune.model.load import is_seq2seq
 
@@ -201,7 +202,8 @@ def dataset_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
 
 def _perplexity(args: EvalArguments, model, tokenizer) -> dict[str, float]:
-    settings = RenderSettings(max_seq_length=args.max_seq_length, max_source_length=args.max_source_length,
+    max_seq_length = fit_to_context(args.max_seq_length, model.config, "--max_seq_length")
+    settings = RenderSettings(max_seq_length=max_seq_length, max_source_length=args.max_source_length,
                               max_target_length=args.max_target_length, chat_template=args.chat_template,
                               skip_invalid_records=args.skip_invalid_records)
     data = prepare_data(tokenizer, task=args.data_task, validation_file=args.validation_file,
@@ -238,6 +240,20 @@ def _measure(args: EvalArguments, output_dir: Path) -> dict[str, Any]:
                                limit=args.max_eval_samples, batch_size=args.batch_size)
 
 
+def evaluated_inputs(args: EvalArguments) -> dict[str, Any]:
+    """What the numbers are of: the model, the adapter and the data, recorded beside them."""
+    data = {"validation_file": args.validation_file, "dataset_name": args.dataset_name,
+            "dataset_config_name": args.dataset_config_name, "validation_split": args.validation_split,
+            "humaneval_file": args.humaneval_file, "truthfulqa_file": args.truthfulqa_file,
+            "lm_eval_tasks": args.lm_eval_tasks if args.task in ("truthfulqa", "lm-eval") else None}
+    return {
+        "task": args.task, "model": absolute_model_path(args.model_name_or_path),
+        "adapter": absolute_model_path(args.adapter), "max_eval_samples": args.max_eval_samples,
+        "data": {key: absolute_model_path(value) if isinstance(value, str) else value
+                 for key, value in data.items() if value is not None},
+    }
+
+
 def run_eval(args: EvalArguments) -> dict[str, Any]:
     """Run the evaluation ``args.task`` names and write ``eval_results.json`` in ``args.output_dir``.
 
@@ -250,7 +266,8 @@ def run_eval(args: EvalArguments) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics = _measure(args, output_dir)
-    (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+    record = {**metrics, "evaluated": evaluated_inputs(args)}
+    (output_dir / RESULTS_FILE).write_text(json.dumps(record, indent=4, sort_keys=True) + "\n", encoding="utf-8")
     for key, value in metrics.items():
         print(f"  {key:<28} = {value:.4f}" if isinstance(value, float) else f"  {key:<28} = {value}")
     print(f"lmtune eval: results in {output_dir / RESULTS_FILE}")

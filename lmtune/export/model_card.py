@@ -57,6 +57,8 @@ def _data_lines(data: dict[str, Any], results: dict[str, Any]) -> list[str]:
     else:
         train = f"`{data.get('train_file')}`"
     samples = f", {results['train_samples']} samples" if "train_samples" in results else ""
+    if "train_rows" in results:
+        samples += f" packed into {results['train_rows']} rows"
     lines = [f"- training: {train}{samples}"]
     if data.get("validation_file"):
         lines.append(f"- validation: `{data['validation_file']}`")
