@@ -93,6 +93,19 @@ def _tokenizer_kind(data: dict, file: Path) -> tuple[str, str | None]:
     return "gpt2", name
 
 
+def check_tokenizer(tokenizer, source: str) -> None:
+    """Raise before any long work unless llama.cpp has an equivalent of this loaded tokenizer.
+
+    Raises:
+        UnsupportedError: a slow (Python) tokenizer, or one ``read_vocab`` would refuse.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UnsupportedError(f"{source}: a {type(tokenizer).__name__} (no tokenizers backend) is not supported "
+                               "for GGUF export; it needs a fast tokenizer (tokenizer.json).")
+    _tokenizer_kind(json.loads(backend.to_str()), Path(source, "tokenizer.json"))
+
+
 def _merge_ranks(merges: list) -> dict[str, int]:
     """The rank of the merge that first produces each token (merges are "a b" strings or [a, b] pairs)."""
     ranks: dict[str, int] = {}
