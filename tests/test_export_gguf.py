@@ -369,3 +369,19 @@ def test_byte_level_pre_tokenizers_round_trip(pre, demo_records, tmp_path):
     gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
     for text in [*TEXTS, "In 2024, 12345 + 678 = 13023.", "  two spaces\n\nand lines"]:
         assert gguf_tokenizer(text).input_ids == tokenizer(text).input_ids
+
+
+def test_unsupported_tokenizer_is_refused_before_the_merge(tiny_llama_dir, tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import lmtune.export.gguf as gguf_export
+
+    base = tmp_path / "wordpiece"
+    LlamaForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(base)
+    backend = Tokenizer(models.WordPiece({"[UNK]": 0, "</s>": 1, "a": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>").save_pretrained(base)
+    monkeypatch.setattr(gguf_export, "_materialize", lambda *a: pytest.fail("merged before checking the tokenizer"))
+    with pytest.raises(UnsupportedError, match="a WordPiece tokenizer is not supported for GGUF export"):
+        export_gguf(tmp_path / "model.gguf", base=str(base))

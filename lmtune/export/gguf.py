@@ -43,7 +43,7 @@ from transformers import AutoConfig, HfArgumentParser, PretrainedConfig
 
 from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError, UnsupportedError
-from lmtune.export.gguf_vocab import add_vocab
+from lmtune.export.gguf_vocab import add_vocab, check_tokenizer
 from lmtune.export.merge import merge_adapter, resolve_base
 from lmtune.export.modelfile import modelfile_path, write_modelfile
 from lmtune.model.load import (
@@ -161,7 +161,11 @@ def export_gguf(
         base = resolve_base(Path(adapter), base)
     if not base:
         raise ConfigError("lmtune export gguf needs --model_name_or_path BASE (or --adapter DIR recording its base).")
-    check_family(load_config(base, trust_remote_code=trust_remote_code), base)
+    config = load_config(base, trust_remote_code=trust_remote_code)
+    check_family(config, base)
+    # The tokenizer merge will save: the adapter's when training saved one, else the base's.
+    source = str(adapter) if adapter is not None and Path(adapter, "tokenizer_config.json").is_file() else base
+    check_tokenizer(load_tokenizer(source, trust_remote_code=trust_remote_code, model_type=config.model_type), source)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lmtune-gguf-") as work:
         model_dir = _materialize(base, adapter, Path(work) / "model", trust_remote_code)

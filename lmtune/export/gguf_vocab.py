@@ -93,6 +93,19 @@ def _tokenizer_kind(data: dict, file: Path) -> tuple[str, str | None]:
     return "gpt2", name
 
 
+def check_tokenizer(tokenizer, source: str) -> None:
+    """Raise before any long work unless llama.cpp has an equivalent of this loaded tokenizer.
+
+    Raises:
+        UnsupportedError: a slow (Python) tokenizer, or one ``read_vocab`` would refuse.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UnsupportedError(f"{source}: a {type(tokenizer).__name__} (no tokenizers backend) is not supported "
+                               "for GGUF export; it needs a fast tokenizer (tokenizer.json).")
+    _tokenizer_kind(json.loads(backend.to_str()), Path(source, "tokenizer.json"))
+
+
 def _merge_ranks(merges: list) -> dict[str, int]:
     """The rank of the merge that first produces each token (merges are "a b" strings or [a, b] pairs)."""
     ranks: dict[str, int] = {}
@@ -129,20 +142,24 @@ def read_vocab(tokenizer_dir: Path, n_vocab: int) -> GgufVocab:
         tokens[i], types[i] = text, int(TokenType.NORMAL)
     for i, token in added.items():
         types[i] = int(TokenType.CONTROL if token.get("special") else TokenType.USER_DEFINED)
-    scores = None
-    if kind == "llama":
-        unk = vocab.get(data["model"].get("unk_token") or "")
-        ranks = _merge_ranks(data["model"].get("merges", []))
-        scores = [0.0] * n_vocab
-        for text, i in vocab.items():
-            if _BYTE_TOKEN.fullmatch(text):
-                types[i] = int(TokenType.BYTE)
-            elif types[i] == TokenType.NORMAL:
-                # SentencePiece merges the pair whose product scores highest: earlier merges score higher.
-                scores[i] = -float(ranks.get(text, len(ranks) + i))
-        if unk is not None:
-            types[unk] = int(TokenType.UNKNOWN)
+    scores = _sentencepiece_scores(data, vocab, types) if kind == "llama" else None
     return GgufVocab(kind, pre, tokens, types, scores, kind == "llama" and _adds_space_prefix(data))
+
+
+def _sentencepiece_scores(data: dict, vocab: dict[str, int], types: list[int]) -> list[float]:
+    """Scores for llama.cpp's SentencePiece tokenizer; marks byte and unknown tokens in ``types`` too."""
+    ranks = _merge_ranks(data["model"].get("merges", []))
+    scores = [0.0] * len(types)
+    for text, i in vocab.items():
+        if _BYTE_TOKEN.fullmatch(text):
+            types[i] = int(TokenType.BYTE)
+        elif types[i] == TokenType.NORMAL:
+            # SentencePiece merges the pair whose product scores highest: earlier merges score higher.
+            scores[i] = -float(ranks.get(text, len(ranks) + i))
+    unk = vocab.get(data["model"].get("unk_token") or "")
+    if unk is not None:
+        types[unk] = int(TokenType.UNKNOWN)
+    return scores
 
 
 def _steps(component: dict | None, key: str) -> list[dict]:
