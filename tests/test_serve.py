@@ -225,7 +225,24 @@ def test_full_queue_is_503_and_client_disconnect_cancels(server, monkeypatch):
     assert server.worker._queue.empty()  # the two that left while waiting never ran
 
 
-def test_config_file_takes_reference_keys(tmp_path, monkeypatch):
+def test_non_streamed_request_is_cancelled_when_its_client_leaves(server, monkeypatch):
+    finished = []
+    real_generate = server.worker._generate
+    monkeypatch.setattr(server.worker, "_generate", lambda job: finished.append(real_generate(job)) or finished[-1])
+    put = worker_module._JobStreamer.put
+    monkeypatch.setattr(worker_module._JobStreamer, "put", lambda self, value: (time.sleep(0.05), put(self, value)))
+    body = {"model": "chatml", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.monotonic() + 30
+    while not finished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert finished[0].finish_reason == "cancelled" and finished[0].completion_tokens < 64
+
+
+def test_config_file_takes_reference_keys(tmp_path, monkeypatch, capsys):
+    assert main(["serve", "--help"]) == 0 and "--adapter ADAPTER [ADAPTER ...]" in capsys.readouterr().out
     config = tmp_path / "server.yaml"
     config.write_text("host: 0.0.0.0\nport: 8123\nmodel_name_or_path: ./base\npeft_model_path: ./runs/chat\n"
                       "device: cpu\ntasks_list: ['textchat']\nasr:\n  enable: false\n", encoding="utf-8")

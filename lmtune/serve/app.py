@@ -6,7 +6,7 @@ with ``data: [DONE]`` when ``stream`` is true. Contract: every error is OpenAI's
 with its status (400 bad JSON or field, 401 API key, 404 model or path, 413 prompt too long,
 503 queue full); no input makes the server fail. Generation runs in the one
 ``GenerationWorker``; a client that disconnects cancels its job (streaming: sse-starlette ends
-the generator; otherwise the handler polls the connection while it waits).
+the generator; otherwise a task waits for the disconnect message while the handler waits).
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ from lmtune.serve.schemas import (
 from lmtune.serve.worker import Finish, GenerationRequest, GenerationWorker, Job, Overloaded
 
 STATIC = resources.files("lmtune.serve") / "static"
-# How often a waiting non-streamed request checks that its client is still connected.
-_DISCONNECT_POLL_S = 0.5
 
 
 class ServeLimits:
@@ -146,22 +144,23 @@ def _finished(event: Finish | BaseException) -> Finish:
     return event
 
 
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Wait for the client to close its connection, then cancel its job (as sse-starlette does for streams)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+
+
 async def _collect(job: Job, request: Request) -> tuple[str, Finish]:
     """The whole answer of a non-streamed request, cancelling it if the client goes away."""
     pieces: list[str] = []
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
-        while True:
-            try:
-                event = await asyncio.wait_for(job.events.get(), timeout=_DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                continue
-            if isinstance(event, str):
-                pieces.append(event)
-            else:
-                return "".join(pieces), _finished(event)
+        while isinstance(event := await job.events.get(), str):
+            pieces.append(event)
+        return "".join(pieces), _finished(event)
     finally:
+        watcher.cancel()
         job.cancel()  # a no-op once finished; stops generation if this handler is cancelled
 
 
