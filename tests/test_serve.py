@@ -26,6 +26,8 @@ from lmtune.errors import ConfigError  # noqa: E402
 from lmtune.serve import worker as worker_module  # noqa: E402
 from lmtune.serve.args import parse_serve_args  # noqa: E402
 from lmtune.serve.decoding import IncrementalText  # noqa: E402
+from lmtune.serve.models import load_catalog  # noqa: E402
+from lmtune.serve.server import bind  # noqa: E402
 
 KEY = "test-key"
 CONVERSATION = [
@@ -239,6 +241,16 @@ def test_non_streamed_request_is_cancelled_when_its_client_leaves(server, monkey
     while not finished and time.monotonic() < deadline:
         time.sleep(0.05)
     assert finished[0].finish_reason == "cancelled" and finished[0].completion_tokens < 64
+
+
+def test_address_in_use_and_adapter_named_like_the_base(server, tiny_llama_dir, adapters):
+    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    with pytest.raises(ConfigError, match=rf"--host 127.0.0.1 --port {port}: cannot listen there"):
+        bind("127.0.0.1", port)
+    args = parse_serve_args(["--model_name_or_path", str(tiny_llama_dir),
+                             "--adapter", f"{tiny_llama_dir.name}={adapters['chatml']}"])
+    with pytest.raises(ConfigError, match="is the base model's name; give the adapter another name"):
+        load_catalog(args)
 
 
 def test_config_file_takes_reference_keys(tmp_path, monkeypatch, capsys):

@@ -184,33 +184,24 @@ async def _events(job: Job, first: dict | None, piece, last) -> AsyncIterator[di
         job.cancel()  # the client went away (sse-starlette cancels this generator) or the answer is complete
 
 
-def build_app(catalog: Catalog, worker: GenerationWorker, *, limits: ServeLimits, api_key: str | None = None,
-              cors_origins: list[str] | None = None) -> FastAPI:
-    """The application serving ``catalog``'s models through ``worker``."""
-    app = FastAPI(title="lmtune serve", docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
-    _install_error_handlers(app)
-    if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
+def _served(catalog: Catalog, name: str | None) -> ServedModel:
+    try:
+        return catalog.get(name)
+    except UnknownModel as err:
+        raise APIError(404, str(err), param="model", code="model_not_found") from None
 
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
-    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    authorized = [Depends(_check_key(api_key))]
+
+def _prompt(render, *args) -> list[int]:
+    try:
+        return render(*args)
+    except PromptTooLong as err:
+        raise APIError(413, str(err), param="messages", code="context_length_exceeded") from None
+    except DataFormatError as err:
+        raise APIError(400, str(err), param="messages") from None
+
+
+def _add_info_routes(app: FastAPI, catalog: Catalog, authorized: list) -> None:
     created = int(time.time())
-
-    def served(name: str | None) -> ServedModel:
-        try:
-            return catalog.get(name)
-        except UnknownModel as err:
-            raise APIError(404, str(err), param="model", code="model_not_found") from None
-
-    def prompt(render, *args) -> list[int]:
-        try:
-            return render(*args)
-        except PromptTooLong as err:
-            raise APIError(413, str(err), param="messages", code="context_length_exceeded") from None
-        except DataFormatError as err:
-            raise APIError(400, str(err), param="messages") from None
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -227,10 +218,13 @@ def build_app(catalog: Catalog, worker: GenerationWorker, *, limits: ServeLimits
                  "parent": None if m.adapter is None else base} for m in catalog.models.values()]
         return {"object": "list", "data": data}
 
+
+def _add_generation_routes(app: FastAPI, catalog: Catalog, worker: GenerationWorker, limits: ServeLimits,
+                           authorized: list) -> None:
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        model = served(body.model)
-        ids = prompt(catalog.chat_prompt_ids, model, [m.model_dump() for m in body.messages])
+        model = _served(catalog, body.model)
+        ids = _prompt(catalog.chat_prompt_ids, model, [m.model_dump() for m in body.messages])
         job = _submit(worker, _generation(worker, model, ids, body, limits))
         rid = new_id("chatcmpl")
         if body.stream:
@@ -244,8 +238,8 @@ def build_app(catalog: Catalog, worker: GenerationWorker, *, limits: ServeLimits
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionRequest, request: Request):
-        model = served(body.model)
-        ids = prompt(catalog.text_prompt_ids, body.prompt_text())
+        model = _served(catalog, body.model)
+        ids = _prompt(catalog.text_prompt_ids, body.prompt_text())
         job = _submit(worker, _generation(worker, model, ids, body, limits))
         rid = new_id("cmpl")
         if body.stream:
@@ -257,4 +251,27 @@ def build_app(catalog: Catalog, worker: GenerationWorker, *, limits: ServeLimits
         text, end = await _collect(job, request)
         return completion_response(rid, model.name, text, end.finish_reason, usage(len(ids), end.completion_tokens))
 
+
+def build_app(catalog: Catalog, worker: GenerationWorker, *, limits: ServeLimits, api_key: str | None = None,
+              cors_origins: list[str] | None = None) -> FastAPI:
+    """The application serving ``catalog``'s models through ``worker``.
+
+    Args:
+        catalog: The served models and their prompt rendering (``load_catalog``).
+        worker: The generation worker running on the catalog's model.
+        limits: ``--max_new_tokens`` and ``--max_tokens_limit``.
+        api_key: Required as ``Authorization: Bearer KEY`` on ``/v1`` when set.
+        cors_origins: Browser origins allowed to call the API from pages of their own.
+    """
+    app = FastAPI(title="lmtune serve", docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
+    _install_error_handlers(app)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    authorized = [Depends(_check_key(api_key))]
+    _add_info_routes(app, catalog, authorized)
+    _add_generation_routes(app, catalog, worker, limits, authorized)
     return app
