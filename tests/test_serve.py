@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import torch
 import pytest
 
 openai = pytest.importorskip("openai", reason="the serve tests drive the server with the openai client (pip install openai)")
@@ -298,3 +299,40 @@ def test_serve_command_prints_url_and_stops_cleanly(tiny_llama_dir, adapters, st
             process.kill()
     assert process.returncode == 0, err
     assert "lmtune serve: stopped." in out
+
+
+def test_worker_streams_a_seq2seq_model(tokenizer, tmp_path):
+    """An encoder-decoder model: generate() streams its decoder start token first, which is not answer text."""
+    import asyncio
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from lmtune.evaluate.generation import build_generation_config
+    from lmtune.serve.worker import Finish, GenerationRequest, GenerationWorker
+
+    config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                      decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config).eval()
+    generation = build_generation_config(model, tokenizer.pad_token_id, max_new_tokens=6, num_beams=1,
+                                         do_sample=False, temperature=None, top_p=None, num_return_sequences=1)
+    worker = GenerationWorker(model, tokenizer, max_queue=2)
+
+    async def run() -> tuple[str, Finish]:
+        ids = tokenizer("Hello there").input_ids
+        job = worker.submit(GenerationRequest(ids, None, generation, (tokenizer.eos_token_id,)),
+                            asyncio.get_running_loop())
+        pieces = []
+        while isinstance(event := await job.events.get(), str):
+            pieces.append(event)
+        return "".join(pieces), event
+
+    try:
+        text, finish = asyncio.run(run())
+    finally:
+        worker.stop()
+    expected = model.generate(input_ids=torch.tensor([tokenizer("Hello there").input_ids]), generation_config=generation)
+    tokens = [t for t in expected[0, 1:].tolist() if t != tokenizer.eos_token_id]
+    assert tokens and text == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert finish.completion_tokens == expected.shape[1] - 1
