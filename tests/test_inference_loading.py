@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -59,6 +61,19 @@ def test_adapter_errors(tiny_llama_dir, tmp_path):
         load_for_use(str(tiny_llama_dir), tiny_llama_dir)
     with pytest.raises(ConfigError, match=r"--adapter x=.*: no adapter_config.json there"):
         load_for_use(str(tiny_llama_dir), {"x": tmp_path}, adapter_flag="--adapter x=")
+
+
+def test_adapters_on_one_base_must_share_their_vocabulary(tiny_llama_dir, tmp_path, tokenizer):
+    first = save_adapter(tiny_llama_dir, tmp_path / "a", seed=1)
+    second = save_adapter(tiny_llama_dir, tmp_path / "b", seed=2)
+    tokenizer.save_pretrained(second)
+    grown = copy.deepcopy(tokenizer)
+    grown.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    grown.save_pretrained(first)
+    with pytest.raises(ConfigError, match=r"adapter b \(.*\) was trained with a different vocabulary"):
+        load_for_use(str(tiny_llama_dir), {"a": first, "b": second}, device="cpu")
+    model, loaded = load_for_use(str(tiny_llama_dir), {"a": first}, device="cpu")
+    assert "<|tool|>" in loaded.get_vocab() and model.get_input_embeddings().weight.shape[0] == len(grown)
 
 
 def test_run_record_of_a_run_and_its_checkpoints(tmp_path):

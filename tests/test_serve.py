@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import torch
 import pytest
 
 openai = pytest.importorskip("openai", reason="the serve tests drive the server with the openai client (pip install openai)")
@@ -26,6 +27,8 @@ from lmtune.errors import ConfigError  # noqa: E402
 from lmtune.serve import worker as worker_module  # noqa: E402
 from lmtune.serve.args import parse_serve_args  # noqa: E402
 from lmtune.serve.decoding import IncrementalText  # noqa: E402
+from lmtune.serve.models import load_catalog  # noqa: E402
+from lmtune.serve.server import bind  # noqa: E402
 
 KEY = "test-key"
 CONVERSATION = [
@@ -225,7 +228,34 @@ def test_full_queue_is_503_and_client_disconnect_cancels(server, monkeypatch):
     assert server.worker._queue.empty()  # the two that left while waiting never ran
 
 
-def test_config_file_takes_reference_keys(tmp_path, monkeypatch):
+def test_non_streamed_request_is_cancelled_when_its_client_leaves(server, monkeypatch):
+    finished = []
+    real_generate = server.worker._generate
+    monkeypatch.setattr(server.worker, "_generate", lambda job: finished.append(real_generate(job)) or finished[-1])
+    put = worker_module._JobStreamer.put
+    monkeypatch.setattr(worker_module._JobStreamer, "put", lambda self, value: (time.sleep(0.05), put(self, value)))
+    body = {"model": "chatml", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.monotonic() + 30
+    while not finished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert finished[0].finish_reason == "cancelled" and finished[0].completion_tokens < 64
+
+
+def test_address_in_use_and_adapter_named_like_the_base(server, tiny_llama_dir, adapters):
+    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    with pytest.raises(ConfigError, match=rf"--host 127.0.0.1 --port {port}: cannot listen there"):
+        bind("127.0.0.1", port)
+    args = parse_serve_args(["--model_name_or_path", str(tiny_llama_dir),
+                             "--adapter", f"{tiny_llama_dir.name}={adapters['chatml']}"])
+    with pytest.raises(ConfigError, match="is the base model's name; give the adapter another name"):
+        load_catalog(args)
+
+
+def test_config_file_takes_reference_keys(tmp_path, monkeypatch, capsys):
+    assert main(["serve", "--help"]) == 0 and "--adapter ADAPTER [ADAPTER ...]" in capsys.readouterr().out
     config = tmp_path / "server.yaml"
     config.write_text("host: 0.0.0.0\nport: 8123\nmodel_name_or_path: ./base\npeft_model_path: ./runs/chat\n"
                       "device: cpu\ntasks_list: ['textchat']\nasr:\n  enable: false\n", encoding="utf-8")
@@ -269,3 +299,40 @@ def test_serve_command_prints_url_and_stops_cleanly(tiny_llama_dir, adapters, st
             process.kill()
     assert process.returncode == 0, err
     assert "lmtune serve: stopped." in out
+
+
+def test_worker_streams_a_seq2seq_model(tokenizer, tmp_path):
+    """An encoder-decoder model: generate() streams its decoder start token first, which is not answer text."""
+    import asyncio
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from lmtune.evaluate.generation import build_generation_config
+    from lmtune.serve.worker import Finish, GenerationRequest, GenerationWorker
+
+    config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                      decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config).eval()
+    generation = build_generation_config(model, tokenizer.pad_token_id, max_new_tokens=6, num_beams=1,
+                                         do_sample=False, temperature=None, top_p=None, num_return_sequences=1)
+    worker = GenerationWorker(model, tokenizer, max_queue=2)
+
+    async def run() -> tuple[str, Finish]:
+        ids = tokenizer("Hello there").input_ids
+        job = worker.submit(GenerationRequest(ids, None, generation, (tokenizer.eos_token_id,)),
+                            asyncio.get_running_loop())
+        pieces = []
+        while isinstance(event := await job.events.get(), str):
+            pieces.append(event)
+        return "".join(pieces), event
+
+    try:
+        text, finish = asyncio.run(run())
+    finally:
+        worker.stop()
+    expected = model.generate(input_ids=torch.tensor([tokenizer("Hello there").input_ids]), generation_config=generation)
+    tokens = [t for t in expected[0, 1:].tolist() if t != tokenizer.eos_token_id]
+    assert tokens and text == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert finish.completion_tokens == expected.shape[1] - 1

@@ -6,7 +6,7 @@ with ``data: [DONE]`` when ``stream`` is true. Contract: every error is OpenAI's
 with its status (400 bad JSON or field, 401 API key, 404 model or path, 413 prompt too long,
 503 queue full); no input makes the server fail. Generation runs in the one
 ``GenerationWorker``; a client that disconnects cancels its job (streaming: sse-starlette ends
-the generator; otherwise the handler polls the connection while it waits).
+the generator; otherwise a task waits for the disconnect message while the handler waits).
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ from lmtune.serve.schemas import (
 from lmtune.serve.worker import Finish, GenerationRequest, GenerationWorker, Job, Overloaded
 
 STATIC = resources.files("lmtune.serve") / "static"
-# How often a waiting non-streamed request checks that its client is still connected.
-_DISCONNECT_POLL_S = 0.5
 
 
 class ServeLimits:
@@ -146,22 +144,23 @@ def _finished(event: Finish | BaseException) -> Finish:
     return event
 
 
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Wait for the client to close its connection, then cancel its job (as sse-starlette does for streams)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+
+
 async def _collect(job: Job, request: Request) -> tuple[str, Finish]:
     """The whole answer of a non-streamed request, cancelling it if the client goes away."""
     pieces: list[str] = []
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
-        while True:
-            try:
-                event = await asyncio.wait_for(job.events.get(), timeout=_DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                continue
-            if isinstance(event, str):
-                pieces.append(event)
-            else:
-                return "".join(pieces), _finished(event)
+        while isinstance(event := await job.events.get(), str):
+            pieces.append(event)
+        return "".join(pieces), _finished(event)
     finally:
+        watcher.cancel()
         job.cancel()  # a no-op once finished; stops generation if this handler is cancelled
 
 
@@ -185,33 +184,24 @@ async def _events(job: Job, first: dict | None, piece, last) -> AsyncIterator[di
         job.cancel()  # the client went away (sse-starlette cancels this generator) or the answer is complete
 
 
-def build_app(catalog: Catalog, worker: GenerationWorker, *, limits: ServeLimits, api_key: str | None = None,
-              cors_origins: list[str] | None = None) -> FastAPI:
-    """The application serving ``catalog``'s models through ``worker``."""
-    app = FastAPI(title="lmtune serve", docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
-    _install_error_handlers(app)
-    if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
+def _served(catalog: Catalog, name: str | None) -> ServedModel:
+    try:
+        return catalog.get(name)
+    except UnknownModel as err:
+        raise APIError(404, str(err), param="model", code="model_not_found") from None
 
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
-    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    authorized = [Depends(_check_key(api_key))]
+
+def _prompt(render, *args) -> list[int]:
+    try:
+        return render(*args)
+    except PromptTooLong as err:
+        raise APIError(413, str(err), param="messages", code="context_length_exceeded") from None
+    except DataFormatError as err:
+        raise APIError(400, str(err), param="messages") from None
+
+
+def _add_info_routes(app: FastAPI, catalog: Catalog, authorized: list) -> None:
     created = int(time.time())
-
-    def served(name: str | None) -> ServedModel:
-        try:
-            return catalog.get(name)
-        except UnknownModel as err:
-            raise APIError(404, str(err), param="model", code="model_not_found") from None
-
-    def prompt(render, *args) -> list[int]:
-        try:
-            return render(*args)
-        except PromptTooLong as err:
-            raise APIError(413, str(err), param="messages", code="context_length_exceeded") from None
-        except DataFormatError as err:
-            raise APIError(400, str(err), param="messages") from None
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -228,10 +218,13 @@ def build_app(catalog: Catalog, worker: GenerationWorker, *, limits: ServeLimits
                  "parent": None if m.adapter is None else base} for m in catalog.models.values()]
         return {"object": "list", "data": data}
 
+
+def _add_generation_routes(app: FastAPI, catalog: Catalog, worker: GenerationWorker, limits: ServeLimits,
+                           authorized: list) -> None:
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        model = served(body.model)
-        ids = prompt(catalog.chat_prompt_ids, model, [m.model_dump() for m in body.messages])
+        model = _served(catalog, body.model)
+        ids = _prompt(catalog.chat_prompt_ids, model, [m.model_dump() for m in body.messages])
         job = _submit(worker, _generation(worker, model, ids, body, limits))
         rid = new_id("chatcmpl")
         if body.stream:
@@ -245,8 +238,8 @@ def build_app(catalog: Catalog, worker: GenerationWorker, *, limits: ServeLimits
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionRequest, request: Request):
-        model = served(body.model)
-        ids = prompt(catalog.text_prompt_ids, body.prompt_text())
+        model = _served(catalog, body.model)
+        ids = _prompt(catalog.text_prompt_ids, body.prompt_text())
         job = _submit(worker, _generation(worker, model, ids, body, limits))
         rid = new_id("cmpl")
         if body.stream:
@@ -258,4 +251,27 @@ def build_app(catalog: Catalog, worker: GenerationWorker, *, limits: ServeLimits
         text, end = await _collect(job, request)
         return completion_response(rid, model.name, text, end.finish_reason, usage(len(ids), end.completion_tokens))
 
+
+def build_app(catalog: Catalog, worker: GenerationWorker, *, limits: ServeLimits, api_key: str | None = None,
+              cors_origins: list[str] | None = None) -> FastAPI:
+    """The application serving ``catalog``'s models through ``worker``.
+
+    Args:
+        catalog: The served models and their prompt rendering (``load_catalog``).
+        worker: The generation worker running on the catalog's model.
+        limits: ``--max_new_tokens`` and ``--max_tokens_limit``.
+        api_key: Required as ``Authorization: Bearer KEY`` on ``/v1`` when set.
+        cors_origins: Browser origins allowed to call the API from pages of their own.
+    """
+    app = FastAPI(title="lmtune serve", docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
+    _install_error_handlers(app)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    authorized = [Depends(_check_key(api_key))]
+    _add_info_routes(app, catalog, authorized)
+    _add_generation_routes(app, catalog, worker, limits, authorized)
     return app

@@ -78,7 +78,6 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
-    max_tokens: int | None = Field(default=None, ge=1)
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):

@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+from peft import PeftModel
 from transformers import (
     GenerationConfig,
     PreTrainedModel,
@@ -182,7 +183,7 @@ class GenerationWorker:
                 self._current = None
 
     def _adapter(self, name: str | None):
-        if not hasattr(self.model, "disable_adapter"):  # a plain model: the base is all there is
+        if not isinstance(self.model, PeftModel):  # no adapters: the base is all there is
             return contextlib.nullcontext()
         if name is None:
             return self.model.disable_adapter()
