@@ -34,9 +34,12 @@ SCRIPT_MODULES: dict[str, tuple[str, ...]] = {
     "finetune_clm": ("lmtune.finetune_clm",),
     "finetune_seq2seq": ("lmtune.finetune_seq2seq",),
     "finetune": ("lmtune.cli", "finetune"),
+    "finetune_dpo": ("lmtune.finetune_dpo",),
+    "dpo_clm": ("lmtune.finetune_dpo",),  # the reference's DPO script name
+    "dpo": ("lmtune.cli", "dpo"),
 }
 # `lmtune SUBCOMMAND` forms worth running on several processes (add "eval" when cli.py has it).
-SUBCOMMANDS = ("finetune",)
+SUBCOMMANDS = ("finetune", "dpo")
 
 
 class LaunchTarget(NamedTuple):

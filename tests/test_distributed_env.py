@@ -241,6 +241,8 @@ CLM = ["-m", "lmtune.finetune_clm", "--peft", "lora"]
     ("finetune_seq2seq.py", [], ["-m", "lmtune.finetune_seq2seq"]),
     ("lmtune", ["finetune", "--peft", "lora"], ["-m", "lmtune.cli", "finetune", "--peft", "lora"]),
     ("finetune", ["--x"], ["-m", "lmtune.cli", "finetune", "--x"]),
+    ("dpo_clm.py", ["--beta", "0.1"], ["-m", "lmtune.finetune_dpo", "--beta", "0.1"]),
+    ("lmtune", ["dpo", "--orpo"], ["-m", "lmtune.cli", "dpo", "--orpo"]),
 ])  # fmt: skip
 def test_torchrun_command(script, args, target):
     assert build_launch_command(4, "torchrun", script, args) == TORCHRUN + target
@@ -328,7 +330,7 @@ def test_all_launch_problems_reported_together():
     ("mpirun", "finetune_clm", {}, r"mode must be one of torchrun, mpi, deepspeed \(got 'mpirun'\)"),
     ("torchrun", "finetune_clmm.py", {}, "Did you mean 'finetune_clm'"),
     ("torchrun", "missing/train.py", {}, "script file 'missing/train.py' does not exist"),
-    ("torchrun", "lmtune", {"script_args": ["chat"]}, r"needs a subcommand: one of finetune \(got chat\)"),
+    ("torchrun", "lmtune", {"script_args": ["chat"]}, r"needs a subcommand: one of finetune, dpo \(got chat\)"),
 ])  # fmt: skip
 def test_launch_argument_errors(mode, script, kwargs, match):
     script_args = kwargs.pop("script_args", [])

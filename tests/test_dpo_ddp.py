@@ -16,7 +16,6 @@ from lmtune.cli import main, main_dpo
 from test_ddp import adapter, assert_same_adapter, free_port, launch_env  # noqa: F401 (fixture)
 from test_dpo import dpo_flags, preference_records
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def sgd_flags(model: Path, data: Path, out: Path, *, batch: int, accumulation: int = 1) -> list[str]:
@@ -58,7 +57,7 @@ def test_torchrun_two_processes_train_the_same_dpo_adapter(one_batch, tiny_llama
                                                            launch_env, capfd):  # noqa: F811
     out = tmp_path / "ddp"
     code = main(["launch", "--world_size", "2", "--master_port", str(free_port()),
-                 str(REPO_ROOT / "lmtune" / "finetune_dpo.py"),
+                 "dpo_clm.py",  # the reference's script name, as its gaudi_spawn.py command lines give it
                  *sgd_flags(tiny_llama_dir, pairs_file, out, batch=2), "--ddp_backend", "gloo"])
     output = capfd.readouterr()
     assert code == 0, output.err[-3000:]
