@@ -130,14 +130,15 @@ def tokenizers() -> dict:
     return {"bpe": bpe, "t5": build_t5_tokenizer()}
 
 
-def run_case(case: dict, tokenizer, work_dir: Path) -> dict:
+def run_case(case: dict, tokenizer, work_dir: Path, **prepare_kwargs) -> dict:
     """``prepare_data`` on one case; the rows and the counts that rendering reports."""
     from lmtune.data.prepare import RenderSettings, prepare_data
 
     path = work_dir / f"{case['name']}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in case["records"]), encoding="utf-8")
     prepared = prepare_data(tokenizer, task=case["task"], train_file=str(path), seq2seq=case["seq2seq"],
-                            dataset_concatenation=case["concat"], settings=RenderSettings(**case["settings"]))
+                            dataset_concatenation=case["concat"], settings=RenderSettings(**case["settings"]),
+                            **prepare_kwargs)
     stats = prepared.stats["train"]
     result = {"input_ids": list(prepared.train["input_ids"]), "labels": list(prepared.train["labels"]),
               "counts": [stats.kept, stats.dropped_long_prompt, stats.truncated, stats.tokens,

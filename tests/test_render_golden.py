@@ -37,6 +37,16 @@ def test_rendering_matches_golden(case, golden, case_tokenizers, tmp_path):
     assert got.get("position_ids") == expected.get("position_ids")
 
 
+@pytest.mark.parametrize("name", ["chat-template", "summarization", "seq2seq-chat"])
+def test_two_workers_render_the_golden_samples(name, golden, case_tokenizers, tmp_path):
+    """Each format's segment function pickles to datasets.map's worker processes and renders alike there."""
+    case = next(c for c in CASES if c["name"] == name)
+    got = run_case(case, case_tokenizers[case["tokenizer"]], tmp_path, preprocessing_num_workers=2,
+                   keep_in_memory=True)
+    assert (got["input_ids"], got["labels"], got["counts"]) == (golden[name]["input_ids"], golden[name]["labels"],
+                                                                golden[name]["counts"])
+
+
 def test_golden_covers_every_task_and_model_kind():
     seen = {(c["task"], c["seq2seq"]) for c in CASES}
     for task in ("completion", "code-generation", "chat", "summarization"):
