@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from lmtune.chat.args import ChatArguments
 from lmtune.chat.session import build_session, load_chat_model
 from lmtune.cli import main
-from lmtune.finetune import finetune
+from lmtune.finetuning import finetune
 from lmtune.model.fetch import FetchError, fetch_smollm2
 from lmtune.model.gguf import resolve_model_path
 from lmtune.quickstart import write_chat_split
