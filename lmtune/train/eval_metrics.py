@@ -133,7 +133,7 @@ class ResumableEarlyStopping(EarlyStoppingCallback):
         if isinstance(saved, dict):  # the checkpoint's counter (this run's own, 0, when not resuming)
             self.early_stopping_patience_counter = saved.get("attributes", {}).get(
                 "early_stopping_patience_counter", self.early_stopping_patience_counter)
-        self.stopped_at: int | None = None
+        self.stopped_at = None
 
     def on_evaluate(self, args, state, control, metrics, **kwargs):
         super().on_evaluate(args, state, control, metrics, **kwargs)
