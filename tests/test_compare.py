@@ -90,3 +90,30 @@ def test_what_is_not_a_run_or_not_a_report_is_refused(three_runs, tmp_path):
     (broken / "all_results.json").write_text("{")
     with pytest.raises(ConfigError, match="all_results.json: not valid JSON"):
         compare_runs([broken])
+
+
+def test_issue_17_done_means_early_stopping_beside_a_full_run(tiny_llama_dir, alpaca_file, tmp_path, capsys):
+    # The issue's acceptance run through the real command line: HumanEval pass@1 at every step,
+    # best adapter kept, stopped after 2 evaluations without improvement; compare shows it
+    # beside the same run without early stopping.
+    problems = tmp_path / "tiny_humaneval.jsonl"
+    problems.write_text("".join(json.dumps({
+        "task_id": f"Tiny/{i}", "prompt": f"def f{i}(x):\n", "entry_point": f"f{i}",
+        "test": f"def check(candidate):\n    assert candidate(1) == {i}\n"}) + "\n" for i in range(3)))
+    runs = {name: tmp_path / name for name in ("early", "full")}
+    for name, out in runs.items():
+        extra = ["--early_stopping_patience", "2"] if name == "early" else []
+        assert main(["finetune", "--model_name_or_path", str(tiny_llama_dir), "--train_file", str(alpaca_file),
+                     "--validation_split_percentage", "20", "--task", "code-generation", "--humaneval_file",
+                     str(problems), "--humaneval_max_new_tokens", "8", "--eval_metric_samples", "3",
+                     "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "1", "--max_steps", "5",
+                     "--metric_for_best_model", "humaneval_pass@1", "--load_best_model_at_end", "True",
+                     "--per_device_train_batch_size", "2", "--max_seq_length", "128", "--report_to", "none",
+                     "--disable_tqdm", "True", "--use_cpu", "True", "--do_train", "--output_dir", str(out),
+                     *extra]) == 0
+    assert read(runs["early"], "trainer_state.json")["global_step"] == 3
+    assert read(runs["full"], "trainer_state.json")["global_step"] == 5
+    assert main(["compare", str(runs["early"]), str(runs["full"]), "--output", str(tmp_path / "r.md")]) == 0
+    report = (tmp_path / "r.md").read_text()
+    assert "| early |" in report and "| 3/5 |" in report.split("| early |")[1].splitlines()[0]
+    assert "eval_humaneval_pass@1" in report and (tmp_path / "r.png").is_file()

@@ -106,6 +106,15 @@ def test_without_a_sample_count_the_first_evaluation_chooses_one_and_says_so(tin
                for r in caplog.records)
 
 
+def test_an_evaluation_before_training_takes_a_fixed_count_and_says_why(tiny_llama_dir, summaries, tmp_path, caplog):
+    flags = summarization(summaries)
+    del flags["eval_metric_samples"]
+    with caplog.at_level(logging.INFO, logger="lmtune"):
+        finetune(**run_flags(tiny_llama_dir, summaries, tmp_path / "run", max_steps=1, eval_on_start=True, **flags))
+    assert [(e["step"], e["eval_metric_samples"]) for e in evaluations(tmp_path / "run")] == [(0, 4), (1, 4)]
+    assert any("the first evaluation comes before any training" in r.getMessage() for r in caplog.records)
+
+
 def code_run(model: Path, train: Path, out: Path, problems: Path, **extra) -> dict:
     flags = dict(task="code-generation", humaneval_file=str(problems), validation_split_percentage=20,
                  humaneval_max_new_tokens=8, eval_metric_samples=2, metric_for_best_model="humaneval_pass@1",

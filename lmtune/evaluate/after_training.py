@@ -42,7 +42,7 @@ def _last_step_evaluation(trainer) -> dict[str, Any] | None:
     if trainer.args.load_best_model_at_end or last is None or last.get("step") != state.global_step:
         return None
     # The task metrics of evaluations during training scored a subset; after training they score it all.
-    subset = set(getattr(trainer.task_metrics, "keys", None) or [])
+    subset = set(getattr(getattr(trainer, "task_metrics", None), "keys", None) or [])
     return {key: value for key, value in last.items() if key != "step" and key not in subset}
 
 

@@ -22,7 +22,9 @@ The Trainer names them ``eval_<key>`` (``eval_rouge1``, ``eval_humaneval_pass@1`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,13 +80,26 @@ def _planned(settings: TaskEvalSettings) -> list[tuple[str, tuple[str, ...]]]:
     return []
 
 
+@contextlib.contextmanager
+def _data_notices_off() -> Iterator[None]:
+    """The records were read and reported once, when the run prepared them; not again at each evaluation."""
+    data_logger = logging.getLogger("lmtune.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        data_logger.setLevel(level)
+
+
 def _rouge_scorer(settings: TaskEvalSettings) -> Scorer:
     def score(model, tokenizer, records: list) -> dict[str, float]:
-        predictions, references = generate_summaries(
-            model, tokenizer, records, max_source_length=settings.max_source_length,
-            max_target_length=settings.max_target_length, num_beams=settings.num_beams,
-            batch_size=settings.batch_size, skip_invalid=settings.skip_invalid_records,
-        )
+        with _data_notices_off():
+            predictions, references = generate_summaries(
+                model, tokenizer, records, max_source_length=settings.max_source_length,
+                max_target_length=settings.max_target_length, num_beams=settings.num_beams,
+                batch_size=settings.batch_size, skip_invalid=settings.skip_invalid_records,
+            )
         return compute_rouge(predictions, references)
 
     return score

@@ -32,6 +32,8 @@ from lmtune.evaluate.in_training import TaskMetric, combine
 logger = logging.getLogger(__name__)
 
 EVAL_TIME_SHARE = 0.2
+# Items scored when the first evaluation comes before any training (--eval_on_start): no time to budget.
+SAMPLES_BEFORE_TRAINING = 8
 SAMPLES_KEY = "metric_samples"
 
 
@@ -53,6 +55,7 @@ class TaskMetricsCallback(TrainerCallback):
         self.share = share
         self.training = False
         self._mark = time.monotonic()
+        self._trained_steps = 0
 
     @property
     def keys(self) -> list[str]:
@@ -64,6 +67,9 @@ class TaskMetricsCallback(TrainerCallback):
         if self.samples is None:  # a resumed run keeps the subset its best metric was measured on
             logged = [entry[f"eval_{SAMPLES_KEY}"] for entry in state.log_history if f"eval_{SAMPLES_KEY}" in entry]
             self.samples = int(logged[-1]) if logged else None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._trained_steps += 1
 
     def on_evaluate(self, args, state, control, **kwargs):
         self._mark = time.monotonic()  # the next budget counts training time only
@@ -87,6 +93,14 @@ class TaskMetricsCallback(TrainerCallback):
 
     def _choose_samples(self, model, tokenizer, args: TrainingArguments) -> int:
         """Time one item of each metric on every process; take as many items as fit the time share."""
+        available = max(len(metric.items) for metric in self.metrics)
+        if not self._trained_steps:  # every process evaluates at the same point, so they agree
+            samples = min(available, SAMPLES_BEFORE_TRAINING)
+            if args.process_index == 0:
+                logger.info("task metrics at each evaluation on the first %d of %d items: the first evaluation "
+                            "comes before any training, so there is no training time to size it by; pass "
+                            "--eval_metric_samples N to choose.", samples, available)
+            return samples
         training_seconds = time.monotonic() - self._mark
         start = time.monotonic()
         for metric in self.metrics:
@@ -96,7 +110,6 @@ class TaskMetricsCallback(TrainerCallback):
         timings = _gather((time.monotonic() - start, training_seconds), args)
         per_item = max(seconds for seconds, _ in timings)
         budget = self.share * timings[0][1]  # the main process's clock decides, for every process alike
-        available = max(len(metric.items) for metric in self.metrics)
         samples = max(1, min(available, int(budget / max(per_item, 1e-9) * args.world_size)))
         if args.process_index == 0:
             logger.info(
@@ -120,7 +133,7 @@ class ResumableEarlyStopping(EarlyStoppingCallback):
         if isinstance(saved, dict):  # the checkpoint's counter (this run's own, 0, when not resuming)
             self.early_stopping_patience_counter = saved.get("attributes", {}).get(
                 "early_stopping_patience_counter", self.early_stopping_patience_counter)
-        self.stopped_at: int | None = None
+        self.stopped_at = None
 
     def on_evaluate(self, args, state, control, metrics, **kwargs):
         super().on_evaluate(args, state, control, metrics, **kwargs)
