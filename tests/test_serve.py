@@ -14,7 +14,8 @@ import torch
 import pytest
 
 openai = pytest.importorskip("openai", reason="the serve tests drive the server with the openai client (pip install openai)")
-pytest.importorskip("fastapi", reason="lmtune serve needs its extra: pip install lmtune[serve]")
+for _module in ("fastapi", "uvicorn", "sse_starlette"):
+    pytest.importorskip(_module, reason="lmtune serve needs its extra: pip install lmtune[serve]")
 
 from conftest import PROJECT_ROOT, write_jsonl  # noqa: E402
 from serve_helpers import running_server, serve_argv, served_adapters  # noqa: E402

@@ -10,7 +10,8 @@ from importlib import resources
 import httpx
 import pytest
 
-pytest.importorskip("fastapi", reason="lmtune serve needs its extra: pip install lmtune[serve]")
+for _module in ("fastapi", "uvicorn", "sse_starlette"):
+    pytest.importorskip(_module, reason="lmtune serve needs its extra: pip install lmtune[serve]")
 
 from serve_helpers import running_server, serve_argv, served_adapters  # noqa: E402
 
