@@ -47,6 +47,14 @@ def served_adapters(base_dir: Path, root: Path) -> dict[str, Path]:
     }
 
 
+def serve_argv(base_dir: Path, adapters: dict[str, Path], *flags: str) -> list[str]:
+    """``lmtune serve`` flags for the base and every adapter by name, plus ``flags``."""
+    argv = ["--model_name_or_path", str(base_dir), *flags]
+    for name, path in adapters.items():
+        argv += ["--adapter", f"{name}={path}"]
+    return argv
+
+
 @dataclass
 class RunningServer:
     url: str

@@ -14,10 +14,11 @@ import torch
 import pytest
 
 openai = pytest.importorskip("openai", reason="the serve tests drive the server with the openai client (pip install openai)")
-pytest.importorskip("fastapi", reason="lmtune serve needs its extra: pip install lmtune[serve]")
+for _module in ("fastapi", "uvicorn", "sse_starlette"):
+    pytest.importorskip(_module, reason="lmtune serve needs its extra: pip install lmtune[serve]")
 
 from conftest import PROJECT_ROOT, write_jsonl  # noqa: E402
-from serve_helpers import running_server, served_adapters  # noqa: E402
+from serve_helpers import running_server, serve_argv, served_adapters  # noqa: E402
 
 from lmtune.chat.args import ChatArguments  # noqa: E402
 from lmtune.chat.session import build_session, load_chat_model  # noqa: E402
@@ -45,10 +46,8 @@ def adapters(tiny_llama_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, adapters):
-    argv = ["--model_name_or_path", str(tiny_llama_dir), "--api_key", KEY, "--max_new_tokens", "8",
-            "--max_tokens_limit", "64", "--max_prompt_tokens", "300", "--max_queue", "2"]
-    for name, path in adapters.items():
-        argv += ["--adapter", f"{name}={path}"]
+    argv = serve_argv(tiny_llama_dir, adapters, "--api_key", KEY, "--max_new_tokens", "8", "--max_tokens_limit", "64",
+                      "--max_prompt_tokens", "300", "--max_queue", "2")
     with running_server(parse_serve_args(argv)) as running:
         yield running
 

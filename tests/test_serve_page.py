@@ -10,9 +10,10 @@ from importlib import resources
 import httpx
 import pytest
 
-pytest.importorskip("fastapi", reason="lmtune serve needs its extra: pip install lmtune[serve]")
+for _module in ("fastapi", "uvicorn", "sse_starlette"):
+    pytest.importorskip(_module, reason="lmtune serve needs its extra: pip install lmtune[serve]")
 
-from serve_helpers import running_server, served_adapters  # noqa: E402
+from serve_helpers import running_server, serve_argv, served_adapters  # noqa: E402
 
 from lmtune.serve import worker as worker_module  # noqa: E402
 from lmtune.serve.args import parse_serve_args  # noqa: E402
@@ -33,9 +34,7 @@ def test_page_fetches_nothing_from_the_internet():
 @pytest.fixture(scope="module")
 def browser_server(tiny_llama_dir, tmp_path_factory):
     adapters = served_adapters(tiny_llama_dir, tmp_path_factory.mktemp("page"))
-    argv = ["--model_name_or_path", str(tiny_llama_dir), "--max_new_tokens", "8", "--max_tokens_limit", "64"]
-    for name, path in adapters.items():
-        argv += ["--adapter", f"{name}={path}"]
+    argv = serve_argv(tiny_llama_dir, adapters, "--max_new_tokens", "8", "--max_tokens_limit", "64")
     with running_server(parse_serve_args(argv)) as running:
         yield running
 
