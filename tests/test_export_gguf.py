@@ -385,3 +385,15 @@ def test_unsupported_tokenizer_is_refused_before_the_merge(tiny_llama_dir, tmp_p
     monkeypatch.setattr(gguf_export, "_materialize", lambda *a: pytest.fail("merged before checking the tokenizer"))
     with pytest.raises(UnsupportedError, match="a WordPiece tokenizer is not supported for GGUF export"):
         export_gguf(tmp_path / "model.gguf", base=str(base))
+
+
+def test_adapter_of_another_base_with_the_same_shapes_is_merged_with_a_warning(tiny_llama_dir, tokenizer, tmp_path,
+                                                                               caplog):
+    adapter, _ = _adapter(tiny_llama_dir, tmp_path / "adapter")  # peft records tiny_llama_dir as its base
+    twin = tmp_path / "twin"
+    torch.manual_seed(7)
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer))).save_pretrained(twin)
+    tokenizer.save_pretrained(twin)
+    with caplog.at_level("WARNING", logger="lmtune.export.gguf"):
+        export_gguf(tmp_path / "model.gguf", base=str(twin), adapter=adapter, dtype="f32", modelfile=False)
+    assert f"was trained on {tiny_llama_dir}, not on --model_name_or_path {twin}" in caplog.text
