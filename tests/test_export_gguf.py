@@ -13,10 +13,6 @@ is measured in the realmodel test).
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from lmtune.cli import main
 from lmtune.errors import ConfigError, UnsupportedError
-from lmtune.export.gguf import export_gguf
+from lmtune.export.gguf import check_family, export_gguf
 
 TEXTS = ["Give three tips for staying healthy.", "Hello  world!\n12345 naïve café 🦙", "The sky is blue."]
 RELATIVE_TOLERANCE = {"f32": 1e-6, "f16": 1e-2, "q8_0": 6e-2}
@@ -198,84 +194,6 @@ def test_adapter_of_another_base_is_refused(tmp_path, tokenizer, tiny_llama_dir)
     assert not (tmp_path / "model.gguf").exists()
 
 
-def test_modelfile_spells_the_neuralchat_format_for_ollama(tiny_llama_dir, tmp_path):
-    out = export_gguf(tmp_path / "tiny.gguf", base=str(tiny_llama_dir), dtype="f32")
-    text = (tmp_path / "tiny.Modelfile").read_text()
-    assert text.startswith("FROM ./tiny.gguf\nTEMPLATE \"\"\"")
-    assert ':\n{{ .Content }}</s>\n{{ end }}### Assistant:\n"""' in text
-    assert text.endswith('PARAMETER stop "</s>"\nPARAMETER stop "### User:"\n')
-    out.unlink()  # the GGUF is gone, but its Modelfile is still the user's
-    with pytest.raises(ConfigError, match=r"tiny\.Modelfile exists; .* --no_modelfile"):
-        export_gguf(out, base=str(tiny_llama_dir), dtype="f32")
-
-
-def test_modelfile_for_chatml_and_for_an_unknown_template(tiny_llama_dir, tmp_path):
-    from lmtune.export.modelfile import render_modelfile
-
-    base = tmp_path / "chatml"
-    LlamaForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(base)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    tokenizer.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
-                               "+ '<|im_end|>\\n' }}{% endfor %}")
-    tokenizer.save_pretrained(base)
-    out = export_gguf(tmp_path / "chatml.gguf", base=str(base), dtype="f32", modelfile=False)
-    assert not (tmp_path / "chatml.Modelfile").exists()
-    text = render_modelfile(out)
-    assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n" in text
-    assert text.endswith('PARAMETER stop "<|im_start|>"\nPARAMETER stop "<|im_end|>"\n')
-
-    tokenizer.chat_template = "{{ messages[0]['content'] }}"
-    tokenizer.save_pretrained(base)
-    out = export_gguf(tmp_path / "other.gguf", base=str(base), dtype="f32", modelfile=False)
-    assert render_modelfile(out) == 'FROM ./other.gguf\nPARAMETER stop "</s>"\n'  # Ollama reads the template
-
-
-GO_RENDER = """package main
-
-import (
-	"encoding/json"
-	"os"
-	"text/template"
-)
-
-type Message struct{ Role, Content string }
-
-func main() {
-	var input struct {
-		Template string
-		Messages []Message
-	}
-	json.NewDecoder(os.Stdin).Decode(&input)
-	template.Must(template.New("t").Parse(input.Template)).Execute(os.Stdout, map[string]any{"Messages": input.Messages})
-}
-"""
-
-
-@pytest.mark.skipif(shutil.which("go") is None, reason="no Go toolchain to run Ollama's template engine (text/template)")
-@pytest.mark.parametrize("kind", ["chatml", "neuralchat"])
-def test_modelfile_templates_render_the_jinja_prompt_in_gos_template_engine(kind, tmp_path):
-    """Ollama renders TEMPLATE with Go's text/template: it must give the prompt the Jinja template gives."""
-    from jinja2 import Template
-
-    from lmtune.demo import NEURALCHAT_CHAT_TEMPLATE
-    from lmtune.export.modelfile import CHATML_TEMPLATE, NEURALCHAT_TEMPLATE
-
-    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-              "{% endfor %}{{ '<|im_start|>assistant\\n' }}")
-    go_template, jinja = {"chatml": (CHATML_TEMPLATE, chatml),
-                          "neuralchat": (NEURALCHAT_TEMPLATE.replace("{eos}", "</s>"), NEURALCHAT_CHAT_TEMPLATE)}[kind]
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
-    (tmp_path / "render.go").write_text(GO_RENDER)
-    stdin = json.dumps({"Template": go_template, "Messages": [{"Role": m["role"], "Content": m["content"]}
-                                                              for m in messages]})
-    env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath")}
-    rendered = subprocess.run(["go", "run", str(tmp_path / "render.go")], input=stdin, capture_output=True,
-                              text=True, check=True, env=env, timeout=300).stdout
-    expected = Template(jinja).render(messages=messages, add_generation_prompt=True, eos_token="</s>")
-    assert rendered == expected
-
-
 def test_vocabulary_is_padded_to_the_embedding_rows_and_never_truncated(tiny_llama_dir, tokenizer):
     from lmtune.export.gguf_vocab import read_vocab
 
@@ -307,7 +225,7 @@ def test_tokenizers_llama_cpp_cannot_reproduce_are_refused(model, pre_tokenizer,
 def test_rotary_scaling_is_written_when_linear_and_refused_otherwise():
     from gguf import GGUFWriter
 
-    from lmtune.export.gguf import add_hyperparameters, check_family
+    from lmtune.export.gguf import add_hyperparameters
 
     linear = tiny_llama_config(64, rope_scaling={"rope_type": "linear", "factor": 4.0})
     check_family(linear, "linear")
@@ -320,6 +238,23 @@ def test_rotary_scaling_is_written_when_linear_and_refused_otherwise():
                                                 "original_max_position_embeddings": 128})
     with pytest.raises(UnsupportedError, match="rotary scaling 'yarn' is not supported for GGUF export"):
         check_family(yarn, "yarn")
+
+
+def test_llama3_rotary_factors_follow_the_llama_3_1_rule():
+    """llama.cpp divides each frequency by rope_freqs; LLaMA 3.1 keeps high frequencies, divides low ones by
+    `factor`, and blends in between (checked by hand against llama.cpp: 1.2e-4 relative on a tiny model)."""
+    from lmtune.export.gguf import llama3_rope_factors
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
+    config = tiny_llama_config(64, hidden_size=64, rope_scaling=rope)
+    check_family(config, "llama3")
+    freqs = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    wavelengths, low, high = 2 * np.pi / freqs, 16 / 1.0, 16 / 4.0
+    smooth = (16 / wavelengths - 1.0) / (4.0 - 1.0)
+    expected = np.where(wavelengths < high, 1.0, np.where(wavelengths > low, 8.0, 1 / ((1 - smooth) / 8.0 + smooth)))
+    assert np.allclose(llama3_rope_factors(config), expected, rtol=1e-6)
+    assert ((expected > 1.0) & (expected < 8.0)).any() and (expected == 8.0).any()  # blended and divided bands
 
 
 def _byte_level_tokenizer(pre_tokenizer, texts: list[str]):
@@ -385,3 +320,15 @@ def test_unsupported_tokenizer_is_refused_before_the_merge(tiny_llama_dir, tmp_p
     monkeypatch.setattr(gguf_export, "_materialize", lambda *a: pytest.fail("merged before checking the tokenizer"))
     with pytest.raises(UnsupportedError, match="a WordPiece tokenizer is not supported for GGUF export"):
         export_gguf(tmp_path / "model.gguf", base=str(base))
+
+
+def test_adapter_of_another_base_with_the_same_shapes_is_merged_with_a_warning(tiny_llama_dir, tokenizer, tmp_path,
+                                                                               caplog):
+    adapter, _ = _adapter(tiny_llama_dir, tmp_path / "adapter")  # peft records tiny_llama_dir as its base
+    twin = tmp_path / "twin"
+    torch.manual_seed(7)
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer))).save_pretrained(twin)
+    tokenizer.save_pretrained(twin)
+    with caplog.at_level("WARNING", logger="lmtune.export.gguf"):
+        export_gguf(tmp_path / "model.gguf", base=str(twin), adapter=adapter, dtype="f32", modelfile=False)
+    assert f"was trained on {tiny_llama_dir}, not on --model_name_or_path {twin}" in caplog.text

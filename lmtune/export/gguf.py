@@ -31,6 +31,8 @@ from gguf import (
     GGML_QUANT_VERSION,
     MODEL_ARCH,
     MODEL_ARCH_NAMES,
+    MODEL_TENSOR,
+    TENSOR_NAMES,
     GGMLQuantizationType,
     GGUFWriter,
     LlamaFileType,
@@ -111,16 +113,16 @@ def check_family(config: PretrainedConfig, source: str) -> None:
     """Raise unless llama.cpp's ``llama`` graph computes this model exactly.
 
     Raises:
-        UnsupportedError: another family, or rotary scaling other than none/linear.
+        UnsupportedError: another family, or rotary scaling other than none/linear/llama3.
     """
     families = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
     if config.model_type not in SUPPORTED_FAMILIES:
         raise UnsupportedError(f"{source}: model type '{config.model_type}' is not supported for GGUF export; "
                                f"supported: {families}. Use lmtune merge for a transformers model instead.")
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in ("default", "linear"):
+    if rope.get("rope_type", "default") not in ("default", "linear", "llama3"):
         raise UnsupportedError(f"{source}: rotary scaling '{rope['rope_type']}' is not supported for GGUF export "
-                               "(supported: none, linear).")
+                               "(supported: none, linear, llama3).")
 
 
 def export_gguf(
@@ -227,6 +229,8 @@ def write_gguf(model_dir: Path, output: Path, *, dtype: str = "f16", name: str |
     add_vocab(writer, model_dir, config.vocab_size)
     for gguf_name, array, raw_dtype in _gguf_tensors(model_dir, config, dtype):
         writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
+    if (getattr(config, "rope_parameters", None) or {}).get("rope_type") == "llama3":
+        writer.add_tensor(TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -258,6 +262,21 @@ def add_hyperparameters(writer: GGUFWriter, config: PretrainedConfig) -> None:
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def llama3_rope_factors(config: PretrainedConfig) -> np.ndarray:
+    """LLaMA 3.1's per-frequency rotary divisors, the ``rope_freqs`` tensor llama.cpp reads.
+
+    llama.cpp divides each rotary frequency by this factor; transformers computes the
+    scaled frequencies instead, so the factors are its unscaled over its scaled ones.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim = _head_dim(config)
+    theta = float(config.rope_parameters["rope_theta"])
+    unscaled = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (unscaled / scaled.double()).float().numpy()
 
 
 def permute_for_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
