@@ -20,6 +20,7 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainingArg
 
 from lmtune.argv import expand_config, flag_value, resolve_cpu_flag, rewrite_legacy_flags
 from lmtune.errors import ConfigError
+from lmtune.help_format import OneDefaultHelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,8 @@ class ParsedArgs:
 def build_parser(seq2seq: bool = False) -> HfArgumentParser:
     training_cls = Seq2SeqTrainingArguments if seq2seq else TrainingArguments
     return HfArgumentParser(
-        (ModelArguments, DataArguments, FinetuneArguments, training_cls), allow_abbrev=False
+        (ModelArguments, DataArguments, FinetuneArguments, training_cls), allow_abbrev=False,
+        formatter_class=OneDefaultHelpFormatter,
     )
 
 

@@ -144,7 +144,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: lmtune COMMAND [FLAGS]", "", "commands:"]
+    lines = ["usage: lmtune COMMAND [FLAGS]   (lmtune --version: the installed version)", "", "commands:"]
     lines += [f"  {name:<12} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lmtune`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    if argv[:1] in (["--version"], ["-V"]):
+        from lmtune import __version__
+
+        print(f"lmtune {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else EXIT_USER_ERROR

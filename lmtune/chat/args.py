@@ -15,6 +15,7 @@ from transformers import HfArgumentParser
 
 from lmtune.args import parse_command_flags
 from lmtune.errors import ConfigError
+from lmtune.help_format import OneDefaultHelpFormatter
 from lmtune.model.base_model import resolve_base_model
 
 PromptFormat = Literal["auto", "chat", "completion"]
@@ -80,7 +81,8 @@ class ChatArguments:
 
 
 def build_chat_parser() -> HfArgumentParser:
-    return HfArgumentParser(ChatArguments, prog="lmtune chat", allow_abbrev=False)
+    return HfArgumentParser(ChatArguments, prog="lmtune chat", allow_abbrev=False,
+                            formatter_class=OneDefaultHelpFormatter)
 
 
 def parse_chat_args(argv: list[str]) -> ChatArguments:

@@ -29,6 +29,7 @@ from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.sources import load_splits
 from lmtune.args import parse_command_flags
 from lmtune.errors import ConfigError
+from lmtune.help_format import OneDefaultHelpFormatter
 from lmtune.evaluate.perplexity import perplexity_from_loss
 from lmtune.evaluate.tasks import (
     evaluate_benchmarks,
@@ -107,7 +108,8 @@ class EvalArguments:
 
 
 def build_eval_parser() -> HfArgumentParser:
-    return HfArgumentParser(EvalArguments, prog="lmtune eval", allow_abbrev=False)
+    return HfArgumentParser(EvalArguments, prog="lmtune eval", allow_abbrev=False,
+                            formatter_class=OneDefaultHelpFormatter)
 
 
 def parse_eval_args(argv: list[str]) -> EvalArguments:

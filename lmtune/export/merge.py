@@ -26,6 +26,8 @@ from transformers import HfArgumentParser
 
 from lmtune.args import parse_command_flags
 from lmtune.errors import ConfigError
+from lmtune.help_format import OneDefaultHelpFormatter
+from lmtune.export.model_card import write_merged_model_card
 from lmtune.model.base_model import resolve_base_model
 from lmtune.model.load import fit_embeddings_to_tokenizer, load_config, load_model, load_tokenizer
 from lmtune.train.output_dir import ARGS_FILE, write_json
@@ -50,7 +52,8 @@ class MergeArguments:
 
 
 def build_merge_parser() -> HfArgumentParser:
-    return HfArgumentParser(MergeArguments, prog="lmtune merge", allow_abbrev=False)
+    return HfArgumentParser(MergeArguments, prog="lmtune merge", allow_abbrev=False,
+                            formatter_class=OneDefaultHelpFormatter)
 
 
 def parse_merge_args(argv: list[str]) -> MergeArguments:
@@ -150,6 +153,7 @@ def merge_adapter(
     record["merged"] = {"base": base, "adapter": str(adapter), "peft_type": adapter_config.get("peft_type"),
                         "dtype": str(load_dtype).removeprefix("torch.")}
     write_json(out / ARGS_FILE, record)
+    write_merged_model_card(out, adapter)
     logger.info("merged %s into %s; wrote %s.", adapter, base, out)
     return out
 
