@@ -80,7 +80,7 @@ def run_reference_variant(spec: dict) -> dict:
 def main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     if spec["kind"] == "lmtune":
-        import lmtune.finetuning  # noqa: F401  first, as `finetune_clm` does: it sets up OpenMP before torch loads
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as the lmtune commands do
     install_step_timer()
     outcome = run_lmtune(spec) if spec["kind"] == "lmtune" else run_reference_variant(spec)
     trainer = _RUN["trainer"]

@@ -8,6 +8,7 @@ exit code 2; anything else is a bug, shown with its traceback, exit code 1.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -165,10 +166,20 @@ def _run(command: Callable[[], int]) -> int:
         return EXIT_BUG
 
 
+def _set_up_console_process() -> None:
+    """What a command-line process (never the Python API) sets before torch loads."""
+    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    # Before torch loads OpenMP: threads that finish their share of an op first then sleep instead
+    # of spinning. On a CPU shared with other processes the spinning holds the cores the lagging
+    # threads need; on a loaded 2-core VM a LoRA step took 4x longer with OpenMP's default
+    # spin-then-sleep (bench/README.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lmtune`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    _set_up_console_process()
     if argv[:1] in (["--version"], ["-V"]):
         from lmtune import __version__
 
@@ -190,13 +201,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def main_clm(argv: list[str] | None = None) -> int:
     """``finetune_clm``: the reference's causal-LM script."""
-    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    _set_up_console_process()
     return _run(lambda: _finetune(list(sys.argv[1:] if argv is None else argv), None))
 
 
 def main_seq2seq(argv: list[str] | None = None) -> int:
     """``finetune_seq2seq``: the reference's seq2seq (FLAN-T5) script."""
-    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    _set_up_console_process()
     return _run(lambda: _finetune(list(sys.argv[1:] if argv is None else argv), True))
 
 

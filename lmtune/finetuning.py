@@ -7,14 +7,6 @@ any weights load), load the model, attach the adapter, train, save, evaluate, re
 
 from __future__ import annotations
 
-import os
-
-# Before torch loads OpenMP (the CLI reaches torch through this module): threads that finish
-# their share of an op first then sleep instead of spinning. On a CPU shared with other
-# processes the spinning holds the cores the lagging threads need; on a loaded 2-core VM a
-# LoRA step took 4x longer with OpenMP's default spin-then-sleep (bench/README.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import dataclasses
 import logging
 from pathlib import Path
@@ -51,6 +43,7 @@ from lmtune.train.distributed import check_device, fsdp_notice, setup_process
 from lmtune.train.checkpointing import StopOnSignal, checkpoint_step
 from lmtune.train.cpu import check_bf16
 from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir, write_run_args
+from lmtune.process_state import preserved_process_state
 from lmtune.model.quantize import (
     QuantSettings,
     check_quantization_backend,
@@ -381,7 +374,8 @@ def finetune(*, seq2seq: bool | None = None, **kwargs: Any) -> dict[str, Any]:
         The run's metrics.
     """
     argv = config_to_argv(kwargs, source="finetune()")
-    return run_finetune(parse_for_model(argv, seq2seq=seq2seq))
+    with preserved_process_state():  # the caller's logging, warnings and environment outlive the run unchanged
+        return run_finetune(parse_for_model(argv, seq2seq=seq2seq))
 
 
 def parse_for_model(argv: list[str], *, seq2seq: bool | None = None) -> ParsedArgs:
