@@ -65,8 +65,15 @@ def _configure_logging(training: transformers.TrainingArguments) -> None:
     level = training.get_process_log_level()
     logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
     logging.getLogger("lmtune").setLevel(level if training.log_level != "passive" else logging.INFO)
-    transformers.utils.logging.set_verbosity(level)
-    configure_messages(interactive=is_interactive(training.disable_tqdm))
+    transformers.utils.logging.set_verbosity(_transformers_level(training))
+    configure_messages(interactive=is_interactive(training.disable_tqdm), verbose=level <= logging.DEBUG)
+
+
+def _transformers_level(training: transformers.TrainingArguments) -> int:
+    """transformers' own info lines (each loaded config in full, "Do not forget to share your model")
+    would drown lmtune's at the reference's --log_level info: they show from --log_level debug."""
+    level = training.get_process_log_level()
+    return level if level <= logging.DEBUG else max(level, logging.WARNING)
 
 
 def _with_device(args: ParsedArgs) -> ParsedArgs:
@@ -341,6 +348,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         compute_metrics=generated_rouge_metrics(args, model, tokenizer) if seq2seq_trainer else None,
     )
     install_progress(trainer)
+    transformers.utils.logging.set_verbosity(_transformers_level(training))  # Trainer() set its own
     metrics: dict[str, Any] = {}
     if training.do_train:
         with stopper.installed():

@@ -38,6 +38,10 @@ def _restore_loggers(state: LoggerState, handlers: dict[logging.Handler, list]) 
         logger.propagate, logger.disabled = propagate, disabled
     for handler, filters in handlers.items():
         handler.filters[:] = filters
+    # Loggers a library first made during the call keep what the library gave them, not lmtune's filters.
+    for name, logger in logging.Logger.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger) and name not in state:
+            logger.filters[:] = [f for f in logger.filters if not type(f).__module__.startswith("lmtune.")]
 
 
 def _progress_bars() -> tuple[bool, bool]:
