@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -21,6 +22,10 @@ EXIT_BUG = 1
 
 def _finetune(argv: list[str], seq2seq: bool | None) -> int:
     from lmtune.args import HelpShown
+    if not any(a in ("-h", "--help") for a in argv):
+        from lmtune.data.early_check import check_json_files_early
+
+        check_json_files_early(argv)  # a broken data file is named before torch loads
     from lmtune.finetuning import parse_for_model, run_finetune
     from lmtune.train.distributed import is_main_process
 
@@ -221,7 +226,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: lmtune COMMAND [FLAGS]", "", "commands:"]
+    lines = ["usage: lmtune COMMAND [FLAGS]   (lmtune --version: the installed version)", "", "commands:"]
     lines += [f"  {name:<12} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -242,10 +247,25 @@ def _run(command: Callable[[], int]) -> int:
         return EXIT_BUG
 
 
+def _set_up_console_process() -> None:
+    """What a command-line process (never the Python API) sets before torch loads."""
+    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    # Before torch loads OpenMP: threads that finish their share of an op first then sleep instead
+    # of spinning. On a CPU shared with other processes the spinning holds the cores the lagging
+    # threads need; on a loaded 2-core VM a LoRA step took 4x longer with OpenMP's default
+    # spin-then-sleep (bench/README.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lmtune`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    _set_up_console_process()
+    if argv[:1] in (["--version"], ["-V"]):
+        from lmtune import __version__
+
+        print(f"lmtune {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else EXIT_USER_ERROR
@@ -262,13 +282,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def main_clm(argv: list[str] | None = None) -> int:
     """``finetune_clm``: the reference's causal-LM script."""
-    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    _set_up_console_process()
     return _run(lambda: _finetune(list(sys.argv[1:] if argv is None else argv), None))
 
 
 def main_seq2seq(argv: list[str] | None = None) -> int:
     """``finetune_seq2seq``: the reference's seq2seq (FLAN-T5) script."""
-    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    _set_up_console_process()
     return _run(lambda: _finetune(list(sys.argv[1:] if argv is None else argv), True))
 
 

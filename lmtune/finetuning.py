@@ -7,14 +7,6 @@ any weights load), load the model, attach the adapter, train, save, evaluate, re
 
 from __future__ import annotations
 
-import os
-
-# Before torch loads OpenMP (the CLI reaches torch through this module): threads that finish
-# their share of an op first then sleep instead of spinning. On a CPU shared with other
-# processes the spinning holds the cores the lagging threads need; on a loaded 2-core VM a
-# LoRA step took 4x longer with OpenMP's default spin-then-sleep (bench/README.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import dataclasses
 import logging
 from pathlib import Path
@@ -52,6 +44,7 @@ from lmtune.train.checkpointing import StopOnSignal, checkpoint_step
 from lmtune.train.cpu import check_bf16
 from lmtune.run_record import write_run_args
 from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir
+from lmtune.process_state import preserved_process_state
 from lmtune.model.quantize import (
     QuantSettings,
     check_quantization_backend,
@@ -75,8 +68,15 @@ def _configure_logging(training: transformers.TrainingArguments) -> None:
     level = training.get_process_log_level()
     logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
     logging.getLogger("lmtune").setLevel(level if training.log_level != "passive" else logging.INFO)
-    transformers.utils.logging.set_verbosity(level)
-    configure_messages(interactive=is_interactive(training.disable_tqdm))
+    transformers.utils.logging.set_verbosity(_transformers_level(training))
+    configure_messages(interactive=is_interactive(training.disable_tqdm), verbose=level <= logging.DEBUG)
+
+
+def _transformers_level(training: transformers.TrainingArguments) -> int:
+    """transformers' own info lines (each loaded config in full, "Do not forget to share your model")
+    would drown lmtune's at the reference's --log_level info: they show from --log_level debug."""
+    level = training.get_process_log_level()
+    return level if level <= logging.DEBUG else max(level, logging.WARNING)
 
 
 def _with_device(args: ParsedArgs) -> ParsedArgs:
@@ -364,6 +364,7 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         seq2seq=seq2seq_trainer, compute_metrics=rouge_metrics, task_metrics=task_metrics,
     )
     install_progress(trainer)
+    transformers.utils.logging.set_verbosity(_transformers_level(training))  # Trainer() set its own
     metrics: dict[str, Any] = {}
     if training.do_train:
         with stopper.installed():
@@ -397,7 +398,8 @@ def finetune(*, seq2seq: bool | None = None, **kwargs: Any) -> dict[str, Any]:
         The run's metrics.
     """
     argv = config_to_argv(kwargs, source="finetune()")
-    return run_finetune(parse_for_model(argv, seq2seq=seq2seq))
+    with preserved_process_state():  # the caller's logging, warnings and environment outlive the run unchanged
+        return run_finetune(parse_for_model(argv, seq2seq=seq2seq))
 
 
 def parse_for_model(argv: list[str], *, seq2seq: bool | None = None) -> ParsedArgs:

@@ -17,7 +17,10 @@ from tiny_t5 import save_tiny_t5
 
 
 def results(directory) -> dict:
-    return json.loads((directory / "eval_results.json").read_text())
+    """The metrics of eval_results.json, without its record of what was evaluated."""
+    saved = json.loads((directory / "eval_results.json").read_text())
+    saved.pop("evaluated")
+    return saved
 
 
 @pytest.mark.slow
@@ -26,9 +29,7 @@ def test_reference_solutions_pass_all_164_problems(shared_data, tmp_path, capsys
     code = main(["eval", "--task", "humaneval", "--humaneval_file", str(shared_data / "eval" / "HumanEval.jsonl.gz"),
                  "--reference_solutions", "--output_dir", str(out)])
     assert code == 0
-    saved = results(out)
-    assert saved.pop("evaluated")["data"] == {"humaneval_file": str(shared_data / "eval" / "HumanEval.jsonl.gz")}
-    assert saved == {"humaneval_pass@1": 1.0, "humaneval_problems": 164}
+    assert results(out) == {"humaneval_pass@1": 1.0, "humaneval_problems": 164}
     rows = [json.loads(line) for line in (out / "humaneval_results.jsonl").read_text().splitlines()]
     assert len(rows) == 164 and all(row["passed"] == [True] for row in rows)
     assert "humaneval_pass@1" in capsys.readouterr().out

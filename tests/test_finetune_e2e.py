@@ -69,7 +69,8 @@ def test_packed_and_unpacked_first_step_loss_agree(tiny_llama_dir, alpaca_file, 
                   max_seq_length=256, lora_dropout=0.0)
     unpacked = finetune(output_dir=str(tmp_path / "u"), **common)
     packed = finetune(output_dir=str(tmp_path / "p"), dataset_concatenation=True, **common)
-    assert packed["train_samples"] < unpacked["train_samples"] == 40
+    assert packed["train_rows"] < packed["train_samples"] == unpacked["train_samples"] == 40
+    assert "train_rows" not in unpacked
     assert packed["train_loss"] == pytest.approx(unpacked["train_loss"], rel=1e-4)
 
 

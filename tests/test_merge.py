@@ -72,6 +72,10 @@ def test_merged_model_equals_base_plus_adapter(kind, llama_dir, tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     record = json.loads((out / "lmtune_args.json").read_text())
     assert record["merged"]["base"] == str(llama_dir) and record["args"]["finetune"]["task"] == "completion"
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert card.startswith(f"---\nbase_model: {llama_dir}\nlibrary_name: transformers\n")
+    assert f"with the {record['merged']['peft_type']} adapter `{adapter}` merged into its weights" in card
+    assert f'AutoModelForCausalLM.from_pretrained("{out}")' in card and "PeftModel" not in card
     assert AutoTokenizer.from_pretrained(out)("hello").input_ids == AutoTokenizer.from_pretrained(llama_dir)(
         "hello").input_ids
 

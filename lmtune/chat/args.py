@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 from transformers import HfArgumentParser
 
-from lmtune.command_flags import parse_command_flags
+from lmtune.command_flags import DefaultsOnceFormatter, parse_command_flags
 from lmtune.errors import ConfigError
 from lmtune.model.base_model import resolve_base_model
 
@@ -80,7 +80,8 @@ class ChatArguments:
 
 
 def build_chat_parser() -> HfArgumentParser:
-    return HfArgumentParser(ChatArguments, prog="lmtune chat", allow_abbrev=False)
+    return HfArgumentParser(ChatArguments, prog="lmtune chat", allow_abbrev=False,
+                            formatter_class=DefaultsOnceFormatter)
 
 
 def parse_chat_args(argv: list[str]) -> ChatArguments:

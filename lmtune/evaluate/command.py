@@ -28,7 +28,7 @@ from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import RenderSettings, prepare_data
 from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.sources import load_splits
-from lmtune.command_flags import parse_command_flags
+from lmtune.command_flags import DefaultsOnceFormatter, parse_command_flags
 from lmtune.errors import ConfigError
 from lmtune.evaluate.perplexity import perplexity_from_loss
 from lmtune.evaluate.tasks import (
@@ -111,7 +111,8 @@ class EvalArguments:
 
 
 def build_eval_parser() -> HfArgumentParser:
-    return HfArgumentParser(EvalArguments, prog="lmtune eval", allow_abbrev=False)
+    return HfArgumentParser(EvalArguments, prog="lmtune eval", allow_abbrev=False,
+                            formatter_class=DefaultsOnceFormatter)
 
 
 def parse_eval_args(argv: list[str]) -> EvalArguments:

@@ -1,7 +1,6 @@
 """Perplexity from a mean token-level cross-entropy loss.
 
-Stage contract: takes the metrics dict that ``Trainer.evaluate()`` returns and
-adds ``<prefix>_ppl`` next to ``<prefix>_loss``. The loss is the mean over
+Stage contract: ``perplexity_from_loss`` turns an ``eval_loss`` into ``eval_ppl``. The loss is the mean over
 supervised tokens only (labels of -100 are ignored), so with the default
 ``train_on_inputs=False`` this is response-only perplexity, as in the reference.
 
@@ -41,27 +40,3 @@ def perplexity_from_loss(loss: float) -> float:
         # effectively uniform-or-worse, and inf says so without crashing the run.
         return math.inf
 
-
-def add_perplexity(metrics: dict[str, float], prefix: str = "eval") -> dict[str, float]:
-    """Return a copy of ``metrics`` with ``<prefix>_ppl`` computed from ``<prefix>_loss``.
-
-    Args:
-        metrics: Metrics as returned by ``Trainer.evaluate()``; not modified.
-        prefix: Metric key prefix (``Trainer.evaluate``'s ``metric_key_prefix``).
-            An empty prefix reads ``loss`` and writes ``ppl``.
-
-    Returns:
-        A new dict holding every item of ``metrics`` plus the perplexity.
-
-    Raises:
-        LmtuneError: If ``<prefix>_loss`` is missing or NaN.
-    """
-    loss_key = f"{prefix}_loss" if prefix else "loss"
-    ppl_key = f"{prefix}_ppl" if prefix else "ppl"
-    if loss_key not in metrics:
-        raise LmtuneError(
-            f"cannot compute perplexity: metrics have no {loss_key!r} (keys: {sorted(metrics)}). "
-            "Evaluate with labels in the eval dataset, or pass the prefix that was given to "
-            "Trainer.evaluate(metric_key_prefix=...)."
-        )
-    return {**metrics, ppl_key: perplexity_from_loss(float(metrics[loss_key]))}

@@ -23,8 +23,9 @@ from typing import Literal
 
 from transformers import HfArgumentParser
 
-from lmtune.command_flags import parse_command_flags
+from lmtune.command_flags import DefaultsOnceFormatter, parse_command_flags
 from lmtune.errors import ConfigError
+from lmtune.export.model_card import write_merged_model_card
 from lmtune.model.base_model import resolve_base_model
 from lmtune.model.inference import load_for_use
 from lmtune.run_record import ARGS_FILE, write_json
@@ -47,7 +48,8 @@ class MergeArguments:
 
 
 def build_merge_parser() -> HfArgumentParser:
-    return HfArgumentParser(MergeArguments, prog="lmtune merge", allow_abbrev=False)
+    return HfArgumentParser(MergeArguments, prog="lmtune merge", allow_abbrev=False,
+                            formatter_class=DefaultsOnceFormatter)
 
 
 def parse_merge_args(argv: list[str]) -> MergeArguments:
@@ -147,5 +149,6 @@ def merge_adapter(
     record["merged"] = {"base": base, "adapter": str(adapter), "peft_type": adapter_config.get("peft_type"),
                         "dtype": str(load_dtype).removeprefix("torch.")}
     write_json(out / ARGS_FILE, record)
+    write_merged_model_card(out, adapter)
     logger.info("merged %s into %s; wrote %s.", adapter, base, out)
     return out

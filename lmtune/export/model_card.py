@@ -238,4 +238,33 @@ def write_run_summary(
     return write_model_card(output_dir, world_size=world_size)
 
 
-__all__ = ["CARD_FILE", "render_model_card", "write_model_card", "write_run_summary"]
+def write_merged_model_card(output_dir: str | Path, adapter_dir: str | Path) -> Path:
+    """Write ``output_dir/README.md`` for a model ``lmtune merge`` wrote: what was merged, the data and
+    results of the adapter's training run, and how to load it without peft.
+
+    Returns:
+        The card's path.
+    """
+    path = Path(output_dir)
+    run = _read_json(path / ARGS_FILE)
+    merged, args = run.get("merged", {}), run.get("args", {})
+    base = merged.get("base") or args.get("model", {}).get("model_name_or_path") or "?"
+    results = _read_json(Path(adapter_dir) / "all_results.json")
+    header = ["---", f"base_model: {base}", "library_name: transformers", "pipeline_tag: text-generation",
+              "tags:", "- lmtune", "- merged", "---", ""]
+    body = [f"# {path.name}", "",
+            f"`{base}` with the {merged.get('peft_type', 'PEFT')} adapter `{merged.get('adapter', adapter_dir)}` "
+            f"merged into its weights ({merged.get('dtype', '?')}) by `lmtune merge`: a plain transformers model "
+            "whose logits equal those of the base plus the adapter through peft.", ""]
+    if args:
+        body += ["## Data", "", *_data_lines(args.get("data", {}), results), ""]
+    rows = [(key, results[key]) for key in ("train_loss", "eval_loss", "eval_ppl") if key in results]
+    if rows:
+        body += ["## Results of the adapter's training run", "", *_table(rows, ("metric", "value")), ""]
+    body += ["## How to use", "", *_usage_lines(base, str(output_dir), full=True), "",
+             f"What was merged, and the training run's arguments, are in `{ARGS_FILE}`."]
+    (path / CARD_FILE).write_text("\n".join(header + body) + "\n", encoding="utf-8")
+    return path / CARD_FILE
+
+
+__all__ = ["CARD_FILE", "render_model_card", "write_merged_model_card", "write_model_card", "write_run_summary"]

@@ -76,14 +76,14 @@ def _linear_leaf_names(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
 
 
 def default_target_modules(model: PreTrainedModel) -> list[str] | str:
-    """The family's usual LoRA targets (lmtune's override, else peft's table), else every linear layer.
+    """The family's usual LoRA targets (peft's table), else every linear layer.
 
     Returns:
         Module names, or ``"all-linear"`` for a family neither table knows.
     """
     model_type = model.config.model_type
     peft_table = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-    targets = family_traits(model_type).lora_targets or peft_table.get(model_type)
+    targets = peft_table.get(model_type)
     present = set(_linear_leaf_names(model))
     if targets and present.intersection(targets):
         return list(targets)

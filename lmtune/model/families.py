@@ -23,15 +23,12 @@ class FamilyTraits:
     """What lmtune needs to know about one model family beyond its config.
 
     Attributes:
-        lora_targets: LoRA targets to use instead of peft's table (None: peft's table,
-            else every linear layer).
         bos_first: The family was pretrained with BOS at the start of every sequence.
             Only consulted when a SentencePiece tokenizer arrives without a
             ``tokenizer_config.json`` saying whether to add BOS: transformers 5 then adds
             none, although these models expect one.
     """
 
-    lora_targets: tuple[str, ...] | None = None
     bos_first: bool = False
 
 

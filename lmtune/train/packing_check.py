@@ -30,6 +30,26 @@ def _isolated(packed: torch.Tensor, alone: torch.Tensor, first: int, dtype: torc
     return torch.allclose(packed[:, first:], alone, atol=tolerance * scale, rtol=0)
 
 
+def _logits(model: PreTrainedModel, **inputs: torch.Tensor) -> torch.Tensor | None:
+    """The probe's logits, or None where the model's forward does not take these inputs.
+
+    What the probe can meet: a forward without a ``position_ids`` (or ``attention_mask``)
+    parameter raises ``TypeError: ... unexpected keyword argument``; attention code that
+    cannot take a 4D mask fails its shape check with ``ValueError`` or a broadcast
+    ``RuntimeError``. Any other error is a bug and propagates.
+    """
+    try:
+        return model(**inputs, use_cache=False).logits.float()
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        return None
+    except (ValueError, RuntimeError):
+        if inputs.get("attention_mask") is None or inputs["attention_mask"].dim() != 4:
+            raise
+        return None
+
+
 @torch.no_grad()
 def check_packing_isolation(model: PreTrainedModel, first: int = 5, second: int = 7) -> str:
     """Compare the logits of a sample run alone and packed behind another one.
@@ -38,7 +58,8 @@ def check_packing_isolation(model: PreTrainedModel, first: int = 5, second: int 
         How packed rows must reach this model: ``PACK_BY_POSITIONS`` or ``PACK_BY_MASK``.
 
     Raises:
-        UnsupportedError: when neither restarting positions nor a block mask isolate the samples.
+        UnsupportedError: when neither restarting positions nor a block mask isolate the samples,
+            or the model takes neither.
     """
     was_training = model.training
     model.eval()
@@ -49,22 +70,19 @@ def check_packing_isolation(model: PreTrainedModel, first: int = 5, second: int 
     positions = torch.cat([torch.arange(first), torch.arange(second)]).unsqueeze(0).to(embeddings.device)
     row = torch.cat([a, b], dim=1)
     try:
-        alone = model(input_ids=b, use_cache=False).logits.float()
-        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits.float()
-        if _isolated(packed, alone, first, model.dtype):
+        alone = _logits(model, input_ids=b)
+        packed = _logits(model, input_ids=row, position_ids=positions)
+        if packed is not None and _isolated(packed, alone, first, model.dtype):
             return PACK_BY_POSITIONS
         mask = block_diagonal_mask(positions, model.dtype)
-        packed = model(input_ids=row, position_ids=positions, attention_mask=mask, use_cache=False).logits.float()
-        if _isolated(packed, alone, first, model.dtype):
+        packed = _logits(model, input_ids=row, position_ids=positions, attention_mask=mask)
+        if packed is not None and _isolated(packed, alone, first, model.dtype):
             return PACK_BY_MASK
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise UnsupportedError(
-            f"model type '{model.config.model_type}' cannot take packed rows ({type(err).__name__}: {err}); "
-            "drop --dataset_concatenation for this model."
-        ) from err
     finally:
         model.train(was_training)
+    how = "takes neither restarting position_ids nor a block-diagonal mask" if packed is None else (
+        "ignores restarting position_ids and a block-diagonal mask")
     raise UnsupportedError(
-        f"model type '{model.config.model_type}' lets packed samples attend to each other: its attention ignores "
-        "restarting position_ids and a block-diagonal mask; drop --dataset_concatenation for this model."
+        f"model type '{model.config.model_type}' lets packed samples attend to each other: its attention {how}; "
+        "drop --dataset_concatenation for this model."
     )

@@ -40,10 +40,19 @@ LIBRARY_DEPRECATIONS = (
     # peft 0.21's prefix tuning hands the model past_key_values, renamed `cache` in transformers 5.
     (r"`past_key_values` is deprecated and will be removed", FutureWarning),
     (r"Both `past_key_values` and `cache` are set", FutureWarning),
+    (r"Matplotlib is building the font cache", UserWarning),
 )
 # Library log lines that say nothing to an lmtune user, by logger: lmtune picks the device itself
 # (--device), yet with DeepSpeed merely installed, accelerate's probe makes it announce its CPU fallback.
-LIBRARY_NOTICES = {"DeepSpeed": ("Setting accelerator to CPU",)}
+LIBRARY_NOTICES = {
+    "DeepSpeed": ("Setting accelerator to CPU",),
+    # lmtune tokenizes whole texts and then cuts them to --max_seq_length itself.
+    "transformers.tokenization_utils_base": ("Token indices sequence length is longer than",),
+    # A first matplotlib import (the loss curve) builds its font cache and says so.
+    "matplotlib.font_manager": ("generated new fontManager",),
+    # bitsandbytes' CPU backend looks for optional kernels at import, also when nothing is quantized.
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+}
 # Keys of the Trainer's log dicts that the progress display leaves out (TensorBoard keeps them).
 _HIDDEN_KEYS = {"epoch", "step", "total_flos", "num_input_tokens_seen"}
 
@@ -81,13 +90,25 @@ class OnceFilter(logging.Filter):
         return True
 
 
-def configure_messages(*, interactive: bool) -> None:
+def configure_messages(*, interactive: bool, verbose: bool = False) -> None:
     """Quiet a normal run: each warning once on the console, library deprecations off, bars only on a terminal.
 
     Args:
         interactive: A person watches a terminal (``is_interactive``); otherwise the
             weight-loading and dataset progress bars of transformers and datasets are off.
+        verbose: ``--log_level debug``: every library message and warning stays visible.
     """
+    if not verbose:
+        _quiet_libraries()
+    if not interactive:
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # also huggingface_hub's
+        datasets.disable_progress_bars()
+
+
+def _quiet_libraries() -> None:
     for message, category in LIBRARY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name, prefixes in LIBRARY_NOTICES.items():
@@ -100,12 +121,6 @@ def configure_messages(*, interactive: bool) -> None:
         # application or a test framework installed keep every record they are sent.
         if type(handler) is logging.StreamHandler and not any(isinstance(f, OnceFilter) for f in handler.filters):
             handler.addFilter(OnceFilter())
-    if not interactive:
-        import datasets
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # also huggingface_hub's
-        datasets.disable_progress_bars()
 
 
 def check_report_to(report_to: list[str] | str | None) -> None:
