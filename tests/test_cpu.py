@@ -33,6 +33,14 @@ vendor_id\t: AuthenticAMD
 model name\t: AMD EPYC
 flags\t\t: fpu vme sse sse2 avx fma f16c avx2 sha_ni vaes vpclmulqdq
 """
+# AMD EPYC Genoa (Zen 4, family 25 model 17) under KVM: AVX512-BF16, no AMX.
+EPYC_ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu sse sse2 avx avx2 avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512_vnni avx512_vbmi2
+"""
 GRAVITON3 = """processor\t: 0
 BogoMIPS\t: 2100.00
 Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp sve i8mm bf16
@@ -63,6 +71,15 @@ def test_without_measuring_the_flags_decide():
     assert check_bf16(SAPPHIRE_RAPIDS, measure=False).helps
     assert not check_bf16(EPYC_ZEN3, measure=False).helps
     assert check_bf16(EPYC_ZEN3, measure=False).speedup is None
+
+
+def test_zen4_with_avx512_bf16_keeps_bf16_both_by_flags_and_by_its_measured_rates():
+    assert check_bf16(EPYC_ZEN4, measure=False) == Bf16Check(("avx512_bf16",))
+    assert check_bf16(EPYC_ZEN4, measure=False).helps
+    # Rates measured on that machine (bench/README.md): bf16 2-3x float32, so --bf16 stays and is suggested.
+    measured = Bf16Check(("avx512_bf16",), bf16_gflops=150.5, fp32_gflops=76.4)
+    assert measured.helps and measured.notice(requested=True) is None
+    assert measured.notice(requested=False).endswith("(1.97x): pass --bf16 True to train faster.")
 
 
 def test_a_measurement_overrides_the_flags():

@@ -3,7 +3,8 @@
 ``--bf16`` on a CPU only pays where the cores have bf16 matrix instructions: AVX512-BF16
 (Xeon 3rd gen "Cooper Lake", AMD Zen 4) or AMX-BF16 (Xeon 4th gen "Sapphire Rapids" and
 later). Elsewhere PyTorch emulates bf16 matrix multiplies, and they can run tens of times
-slower than float32 (measured on an AVX2-only AMD EPYC: about 30x slower in training).
+slower than float32 (measured on an AVX2-only AMD EPYC: about 30x slower in training); with
+AVX512-BF16 (an AMD EPYC Genoa) they ran 2-3x faster than float32 (bench/README.md).
 The flags alone do not settle it (a VM may hide them, a build may lack the kernels), so
 ``check_bf16`` also times a few training-shaped matrix multiplies in both precisions.
 """
