@@ -2,9 +2,11 @@
 
 Three dataclasses of our own (model, data, fine-tuning) plus the unmodified
 ``transformers.TrainingArguments`` (``Seq2SeqTrainingArguments`` for seq2seq),
-parsed by ``HfArgumentParser``. Flags that transformers has renamed since the
-reference was written are rewritten first (``argv.py``); every cross-field check
-lives in ``validation.py`` and runs before anything loads.
+parsed by ``HfArgumentParser``, once: ``parse_flags`` turns the command line into plain
+values (before any argument object, and so accelerate, exists), the process setup and the
+model-kind decision read those, and ``build_args`` makes the typed objects. Flags that
+transformers has renamed since the reference was written are rewritten first (``argv.py``);
+every cross-field check lives in ``validation.py`` and runs before anything loads.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainingArguments
+from transformers import HfArgumentParser, PretrainedConfig, Seq2SeqTrainingArguments, TrainingArguments
 
 from lmtune.argv import expand_config, rewrite_legacy_flags, runs_on_cpu
 from lmtune.command_flags import DefaultsOnceFormatter, raise_unknown_flags
@@ -219,7 +221,7 @@ class ParsedArgs:
     finetune: FinetuneArguments
     training: TrainingArguments
     # The model's config, when parsing read it to tell a causal from a seq2seq model (run_finetune reuses it).
-    model_config: Any = None
+    model_config: PretrainedConfig | None = None
 
 
 # Seq2SeqTrainingArguments' own fields: parsed for every model, accepted only for seq2seq ones.

@@ -112,3 +112,32 @@ def test_tokenizer_without_eos_is_rejected(tokenizer):
     broken = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer)
     with pytest.raises(DataFormatError, match="the tokenizer has no EOS token"):
         _render(broken, [{"prompt": "a", "response": "b"}])
+
+
+def test_tokenize_segments_renders_a_preference_pair(tokenizer):
+    """What DPO needs: prompt + chosen and prompt + rejected, masked alike, EOS kept when cut."""
+    from lmtune.data.render import ANSWER, END, PROMPT, tokenize_segments
+
+    prompt, eos = "Name a color.\n", [tokenizer.eos_token_id]
+    chosen = tokenize_segments(tokenizer, [(prompt, PROMPT), ("Blue", ANSWER), (eos, END)], 64)
+    rejected = tokenize_segments(tokenizer, [(prompt, PROMPT), ("word " * 80, ANSWER), (eos, END)], 64)
+    masked = len(tokenizer(prompt).input_ids)
+    for sample in (chosen, rejected):
+        assert sample["labels"][:masked] == [IGNORE_INDEX] * masked and not sample["dropped"]
+        assert sample["input_ids"][:masked] == chosen["input_ids"][:masked]
+        assert sample["labels"][-1] == sample["input_ids"][-1] == tokenizer.eos_token_id
+    assert chosen["supervised_tokens"] == len(chosen["input_ids"]) - masked and chosen["truncated_tokens"] == 0
+    assert len(rejected["input_ids"]) == 64 and rejected["truncated_tokens"] > 0
+    too_long = tokenize_segments(tokenizer, [(prompt, PROMPT), ("x", ANSWER), (eos, END)], 64, max_prompt_length=2)
+    assert too_long["dropped"] and too_long["input_ids"] == []
+
+
+def test_tokenize_segments_seq2seq_splits_source_and_labels(tokenizer):
+    from lmtune.data.render import ANSWER, END, PROMPT, tokenize_segments
+
+    eos = tokenizer.eos_token_id
+    sample = tokenize_segments(tokenizer, [("Translate: hi", PROMPT), ([5, 6, 7, 8], ANSWER), ([eos], END)], 3,
+                               seq2seq=True)
+    assert sample["input_ids"] == tokenizer("Translate: hi").input_ids
+    assert sample["labels"] == [5, 6, eos] and sample["truncated_tokens"] == 2
+    assert sample["tokens"] == len(sample["input_ids"]) + 3 and sample["supervised_tokens"] == 3

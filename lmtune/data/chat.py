@@ -311,19 +311,13 @@ class ChatSegments:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat, schema: str, source: str,
                  max_seq_length: int, max_source_length: int):
-        self.tokenizer, self.chat_format, self.schema, self.source = tokenizer, chat_format, schema, source
+        self.encoder, self.chat_format, self.schema, self.source = PieceEncoder(tokenizer), chat_format, schema, source
         self.limits = {"max_seq_length": max_seq_length, "max_source_length": max_source_length}
-        self._encoder: PieceEncoder | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_encoder": None}
 
     def __call__(self, record: dict, index: int) -> tuple[list[Segment], int]:
-        if self._encoder is None:
-            self._encoder = PieceEncoder(self.tokenizer)
-        self._encoder.clear()  # the cache only pays off within one conversation
+        self.encoder.clear()  # the cache only pays off within one conversation
         messages = conversation_from_record(record, self.schema, f"{self.source}: {record_location(record, index)}")
-        pieces, dropped = fit_conversation(self._encoder, messages, self.chat_format, **self.limits)
+        pieces, dropped = fit_conversation(self.encoder, messages, self.chat_format, **self.limits)
         return list(pieces), dropped
 
 

@@ -4,7 +4,9 @@ Contract: ``prepare_data`` returns tokenized train/validation ``datasets.Dataset
 ready for the collator, plus statistics, and raises ``DataFormatError`` for any bad
 input. It runs before the model loads, so a broken record costs seconds, not hours.
 Each task maps to one renderer in ``TASK_RENDERERS`` (``SEQ2SEQ_RENDERERS`` for encoder-decoder
-models, whose samples are an encoder input and separate decoder labels).
+models, whose samples are an encoder input and separate decoder labels): it checks a split's
+records and returns the task's ``RowFormat``, which ``pipeline.render_dataset`` runs through
+the one tokenize-and-mask function with ``datasets.map``.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from lmtune.data.empty_records import drop_empty_records
 from lmtune.data.formats import task_for_fields
 from lmtune.data.packing import PackingStats, pack_examples
 from lmtune.data.pipeline import MapSettings, RowFormat, render_dataset
-from lmtune.data.render import RenderStats, require_eos
+from lmtune.data.render import RenderStats, report_prompt_drops, require_eos
 from lmtune.data.seq2seq import SEQ2SEQ_TASKS, check_seq2seq_packing, seq2seq_rows
 from lmtune.data.sources import load_splits
 from lmtune.data.summarization import summarization_rows
-from lmtune.errors import ConfigError, DataFormatError
+from lmtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +58,9 @@ def render_instructions(
     """Completion and code-generation: instruction records -> prompt, response, EOS."""
     fmt, kept = check_records(dataset, dataset.column_names, source, skip_invalid=settings.skip_invalid_records)
     max_seq_length = settings.max_seq_length
-
-    def finish(stats: RenderStats, _: list[int]) -> None:
-        if stats.dropped_long_prompt:
-            logger.warning(
-                "%d sample(s) dropped: the prompt alone fills --max_seq_length %d (first: record %d). "
-                "Raise --max_seq_length or shorten those prompts.",
-                stats.dropped_long_prompt, max_seq_length, stats.dropped_indices[0],
-            )
-        if not stats.kept:
-            raise DataFormatError(
-                f"every sample's prompt is longer than --max_seq_length {max_seq_length}; nothing left to train on."
-            )
-
     return RowFormat(kept, instruction_segments(fmt, require_eos(tokenizer)), key={"format": fmt.name},
-                     max_length=max_seq_length, train_on_inputs=settings.train_on_inputs, finish=finish)
+                     max_length=max_seq_length, train_on_inputs=settings.train_on_inputs,
+                     finish=lambda stats, _: report_prompt_drops(stats, max_seq_length))
 
 
 def render_chat(

@@ -268,6 +268,17 @@ def render_examples(
     batch = [[(ex["prompt"], PROMPT), (ex["response"], ANSWER), ([eos], END)] for ex in examples]
     columns = tokenize_segment_batch(tokenizer, batch, max_length=max_seq_length, train_on_inputs=train_on_inputs)
     stats = collect_stats(columns)
+    report_prompt_drops(stats, max_seq_length)
+    keep = [i for i, dropped in enumerate(columns["dropped"]) if not dropped]
+    return {name: [columns[name][i] for i in keep] for name in ("input_ids", "labels")}, stats
+
+
+def report_prompt_drops(stats: RenderStats, max_seq_length: int) -> None:
+    """Warn about prompt/response samples whose prompt filled ``max_seq_length``.
+
+    Raises:
+        DataFormatError: when that left nothing to train on.
+    """
     if stats.dropped_long_prompt:
         logger.warning(
             "%d sample(s) dropped: the prompt alone fills --max_seq_length %d (first: record %d). "
@@ -278,8 +289,6 @@ def render_examples(
         raise DataFormatError(
             f"every sample's prompt is longer than --max_seq_length {max_seq_length}; nothing left to train on."
         )
-    keep = [i for i, dropped in enumerate(columns["dropped"]) if not dropped]
-    return {name: [columns[name][i] for i in keep] for name in ("input_ids", "labels")}, stats
 
 
 def collect_stats(columns: dict[str, Sequence[Any]], *, indices: Sequence[int] | None = None,

@@ -67,16 +67,10 @@ class SummarySegments:
     """Record -> cut article + instruction (prompt), highlights, EOS; a class: it pickles to map workers."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_source_length: int):
-        self.tokenizer, self.max_source_length = tokenizer, max_source_length
-        self._encoder: PieceEncoder | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_encoder": None}
+        self.encoder, self.max_source_length = PieceEncoder(tokenizer), max_source_length
 
     def __call__(self, record: dict, index: int) -> tuple[list[Segment], int]:
-        if self._encoder is None:
-            self._encoder = PieceEncoder(self.tokenizer)
-        encoder = self._encoder
+        encoder = self.encoder
         encoder.clear()
         prompt, cut = summary_prompt_ids(encoder, record["article"], self.max_source_length)
         return [(prompt, PROMPT), (encoder.encode(record["highlights"], first=False), ANSWER),
