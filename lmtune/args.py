@@ -227,25 +227,39 @@ class ParsedArgs:
 # Seq2SeqTrainingArguments' own fields: parsed for every model, accepted only for seq2seq ones.
 SEQ2SEQ_ONLY = frozenset(f.name for f in fields(Seq2SeqTrainingArguments)) - {f.name for f in fields(TrainingArguments)}
 _UNSET = object()  # a flag's value before argparse has seen it: tells "given" from "defaulted"
-_WATCHED = SEQ2SEQ_ONLY | {"use_cpu", "greater_is_better"}
+_WATCHED = SEQ2SEQ_ONLY | {"use_cpu", "greater_is_better", "lora_all_linear"}
 
 
 class HelpShown(Exception):
     """``--help`` printed every flag; there is nothing else to do (not an error)."""
 
 
-def build_parser(prog: str = "lmtune finetune") -> HfArgumentParser:
-    """The one parser of ``lmtune finetune``: our three dataclasses, ``Seq2SeqTrainingArguments`` and ``--config``.
+def build_parser(
+    prog: str = "lmtune finetune", *, extra: tuple[type, ...] = (), defaults: dict[str, Any] | None = None,
+    seq2seq: bool = True,
+) -> HfArgumentParser:
+    """The one parser of a training command: our three dataclasses, the command's ``extra`` ones, the
+    training arguments and ``--config``.
 
-    The seq2seq fields are parsed for every model and accepted for seq2seq models only
-    (``build_args``), so that one parse serves both model kinds and ``--help`` lists every flag.
+    For ``lmtune finetune`` the training arguments are ``Seq2SeqTrainingArguments``: the seq2seq fields
+    are parsed for every model and accepted for seq2seq models only (``build_args``), so that one parse
+    serves both model kinds and ``--help`` lists every flag.
+
+    Args:
+        prog: The command's name in ``--help``.
+        extra: The command's own dataclasses (``lmtune dpo``: ``PreferenceArguments``).
+        defaults: The command's defaults where they differ from the dataclasses' (``dpo_clm.py``'s).
+        seq2seq: Parse the seq2seq fields too; without, plain ``TrainingArguments`` (causal models only).
     """
+    training = Seq2SeqTrainingArguments if seq2seq else TrainingArguments
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, FinetuneArguments, Seq2SeqTrainingArguments), prog=prog,
+        (ModelArguments, DataArguments, FinetuneArguments, *extra, training), prog=prog,
         allow_abbrev=False, formatter_class=DefaultsOnceFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of flag: value settings (also the "
                         "reference's `finetune_clm.py args.json` form); flags on the command line override it.")
+    if defaults:
+        parser.set_defaults(**defaults)
     for action in parser._actions:
         if action.dest in SEQ2SEQ_ONLY:
             action.help = f"{action.help or ''} (seq2seq models only)".strip()
@@ -258,28 +272,33 @@ class ParsedFlags:
 
     Attributes:
         values: Every flag's value (``dest`` -> value), defaults included.
-        given: The seq2seq-only flags, ``use_cpu`` and ``greater_is_better``, when given explicitly.
+        given: The seq2seq-only flags, ``use_cpu``, ``greater_is_better`` and ``lora_all_linear``, when
+            given explicitly.
     """
 
     values: dict[str, Any]
     given: frozenset[str]
 
 
-def parse_flags(argv: list[str] | None = None, *, notices: list[str] | None = None) -> ParsedFlags:
-    """Parse ``lmtune finetune`` flags (and ``--config FILE``) once, into plain values.
+def parse_flags(
+    argv: list[str] | None = None, *, notices: list[str] | None = None, parser: HfArgumentParser | None = None,
+) -> ParsedFlags:
+    """Parse a training command's flags (and ``--config FILE``) once, into plain values.
 
     Args:
         argv: Arguments without the program name; ``sys.argv[1:]`` when None.
         notices: Collects the legacy-spelling notices instead of logging them (a launcher's other
             ranks should not repeat them).
+        parser: The command's ``build_parser(...)``; ``lmtune finetune``'s when None.
 
     Raises:
         HelpShown: ``--help`` was given (the help is printed).
         ConfigError: on unknown flags (with a did-you-mean), bad values or an unreadable config file.
     """
     argv = rewrite_legacy_flags(expand_config(list(sys.argv[1:] if argv is None else argv)), notices=notices)
-    parser = build_parser()
-    namespace = argparse.Namespace(**dict.fromkeys(_WATCHED, _UNSET))
+    parser = parser or build_parser()
+    watched = _WATCHED & {action.dest for action in parser._actions}
+    namespace = argparse.Namespace(**dict.fromkeys(watched, _UNSET))
     try:
         namespace, remaining = parser.parse_known_args(argv, namespace=namespace)
     except SystemExit as exc:  # argparse exits on --help and on bad values; a library must not
@@ -289,8 +308,8 @@ def parse_flags(argv: list[str] | None = None, *, notices: list[str] | None = No
     if remaining:
         raise_unknown_flags(parser, remaining)
     values = vars(namespace)
-    given = frozenset(name for name in _WATCHED if values[name] is not _UNSET)
-    for name in _WATCHED - given:
+    given = frozenset(name for name in watched if values[name] is not _UNSET)
+    for name in watched - given:
         values[name] = parser.get_default(name)
     return ParsedFlags(values, given)
 
@@ -298,6 +317,11 @@ def parse_flags(argv: list[str] | None = None, *, notices: list[str] | None = No
 def _build(cls: type, values: dict[str, Any], **overrides: Any) -> Any:
     names = {f.name for f in fields(cls) if f.init}
     return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
+
+
+def build_extra(flags: ParsedFlags, cls: type) -> Any:
+    """One of a command's ``extra`` dataclasses (``build_parser``) from the parsed flags."""
+    return _build(cls, flags.values)
 
 
 def build_args(flags: ParsedFlags, *, seq2seq: bool) -> ParsedArgs:

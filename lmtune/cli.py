@@ -40,15 +40,14 @@ def _finetune(argv: list[str], seq2seq: bool | None) -> int:
 
 
 def _dpo(argv: list[str]) -> int:
+    from lmtune.args import HelpShown
     from lmtune.preference import parse_preference, run_preference
     from lmtune.train.distributed import is_main_process
 
-    if any(a in ("-h", "--help") for a in argv):
-        from lmtune.preference_args import build_preference_parser
-
-        build_preference_parser().print_help()
+    try:
+        run = parse_preference(argv)
+    except HelpShown:
         return 0
-    run = parse_preference(argv)
     metrics = run_preference(run)
     if "train_loss" in metrics and is_main_process():
         print(final_line(metrics, run.args.training.output_dir))

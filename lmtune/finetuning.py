@@ -16,7 +16,7 @@ import torch
 import transformers
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Seq2SeqTrainingArguments
 
-from lmtune.args import ParsedArgs, ProcessFlags, args_to_dict, build_args, parse_flags
+from lmtune.args import ParsedArgs, args_to_dict, build_args
 from lmtune.argv import config_to_argv
 from lmtune.data.chat_format import names_template_file, resolve_chat_format
 from lmtune.data.collate import CausalLMCollator
@@ -39,10 +39,11 @@ from lmtune.model.load import (
 from lmtune.model.base_model import absolute_model_path
 from lmtune.model.context import fit_to_context
 from lmtune.model.upcast import upcast_compute
-from lmtune.train.distributed import check_device, fsdp_notice, setup_process
+from lmtune.train.distributed import check_device, fsdp_notice
 from lmtune.train.checkpointing import StopOnSignal, checkpoint_step
 from lmtune.train.cpu import check_bf16
 from lmtune.run_record import write_run_args
+from lmtune.run_setup import parse_and_set_up
 from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir
 from lmtune.process_state import preserved_process_state
 from lmtune.model.quantize import (
@@ -403,28 +404,16 @@ def finetune(*, seq2seq: bool | None = None, **kwargs: Any) -> dict[str, Any]:
 
 
 def parse_for_model(argv: list[str], *, seq2seq: bool | None = None) -> ParsedArgs:
-    """Parse argv once, set this process up, then build the arguments of the model's kind.
+    """Parse argv once, set this process up (``run_setup.parse_and_set_up``), then build the arguments
+    of the model's kind.
 
-    Building ``TrainingArguments`` starts accelerate, and under torchrun or mpirun the process
-    group, so the device check, the launcher's environment and a ``ccl`` group come first
-    (``setup_process``): a Gaudi command line without Habana's software stops before anything loads.
     The model's config says causal or seq2seq (``seq2seq`` forces it); ``run_finetune`` reuses it.
 
     Raises:
         HelpShown: ``--help`` was given (the help is printed).
         ConfigError: for anything wrong with the command line.
     """
-    notices: list[str] = []
-    flags = parse_flags(argv, notices=notices)
-    process = ProcessFlags.from_flags(flags)
-    info = setup_process(
-        process.device, use_habana=process.use_habana, use_lazy_mode=process.use_lazy_mode,
-        ddp_backend=process.ddp_backend, ddp_timeout=process.ddp_timeout, deepspeed=process.deepspeed,
-    )
-    if info.rank != 0:  # one copy of the argument notices, not one per rank
-        logging.getLogger("lmtune").setLevel(logging.ERROR)
-    for notice in notices:
-        logging.getLogger("lmtune.argv").warning(notice)
+    flags = parse_and_set_up(argv)
     values, config = flags.values, None
     if values["model_name_or_path"]:
         config = load_config(

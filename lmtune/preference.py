@@ -30,9 +30,16 @@ from lmtune.export.model_card import write_run_summary
 from lmtune.finetuning import _adapt_model, _check_cpu_bf16, _check_model_flags, _configure_logging, _with_device
 from lmtune.model.load import fit_embeddings_to_tokenizer, load_config, load_model, load_tokenizer, resolve_dtype
 from lmtune.model.upcast import upcast_compute
-from lmtune.preference_args import PreferenceRun, parse_preference_args, preference_args_to_dict, preference_problems
+from lmtune.preference_args import (
+    PreferenceRun,
+    build_preference_parser,
+    build_preference_run,
+    preference_args_to_dict,
+    preference_problems,
+)
 from lmtune.train.checkpointing import StopOnSignal
 from lmtune.run_record import write_run_args
+from lmtune.run_setup import parse_and_set_up
 from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir
 from lmtune.train.preference import REFERENCE_ADAPTER, PreferenceCollator, build_preference_trainer
 from lmtune.train.preference_loss import Objective
@@ -238,21 +245,13 @@ def finetune_dpo(**kwargs: Any) -> dict[str, Any]:
 
 
 def parse_preference(argv: list[str]) -> PreferenceRun:
-    """Set this process up (launcher environment, device), then parse argv (see ``finetuning.parse_for_model``)."""
-    from lmtune.args import ParsedFlags, ProcessFlags
-    from lmtune.argv import expand_config, rewrite_legacy_flags
-    from lmtune.preference_args import build_preference_parser
-    from lmtune.train.distributed import setup_process
+    """Parse argv once and set this process up (``run_setup.parse_and_set_up``, as for fine-tuning).
 
-    # The process flags only, before TrainingArguments starts accelerate; parse_preference_args reports the rest.
-    known, _ = build_preference_parser().parse_known_args(rewrite_legacy_flags(expand_config(list(argv))))
-    process = ProcessFlags.from_flags(ParsedFlags(vars(known), frozenset()))
-    info = setup_process(process.device, use_habana=process.use_habana, use_lazy_mode=process.use_lazy_mode,
-                         ddp_backend=process.ddp_backend, ddp_timeout=process.ddp_timeout,
-                         deepspeed=process.deepspeed)
-    if info.rank != 0:
-        logging.getLogger("lmtune").setLevel(logging.ERROR)
-    return parse_preference_args(argv)
+    Raises:
+        HelpShown: ``--help`` was given (the help is printed).
+        ConfigError: for anything wrong with the command line.
+    """
+    return build_preference_run(parse_and_set_up(argv, parser=build_preference_parser()))
 
 
 __all__ = ["finetune_dpo", "parse_preference", "run_preference"]

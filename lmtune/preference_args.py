@@ -9,24 +9,13 @@ the same ``--config`` expansion, legacy-flag rewrites and unknown-flag errors. W
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 
-from lmtune.args import (
-    DataArguments,
-    FinetuneArguments,
-    ModelArguments,
-    ParsedArgs,
-    args_to_dict,
-)
-from lmtune.command_flags import raise_unknown_flags
-from lmtune.argv import expand_config, rewrite_legacy_flags, runs_on_cpu
-from lmtune.errors import ConfigError
+from lmtune.args import ParsedArgs, ParsedFlags, args_to_dict, build_args, build_extra, build_parser, parse_flags
 
 logger = logging.getLogger(__name__)
 
@@ -87,57 +76,36 @@ class PreferenceRun:
 
 
 def build_preference_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, FinetuneArguments, PreferenceArguments, TrainingArguments),
-        allow_abbrev=False,
-    )
-    parser.set_defaults(**DPO_DEFAULTS)
-    return parser
+    """``lmtune finetune``'s parser (``args.build_parser``) with the preference flags and ``dpo_clm.py``'s
+    defaults, over plain ``TrainingArguments``: preference tuning is for causal models."""
+    return build_parser("lmtune dpo", extra=(PreferenceArguments,), defaults=DPO_DEFAULTS, seq2seq=False)
 
 
-def parse_preference_args(argv: list[str] | None = None) -> PreferenceRun:
-    """Parse a ``dpo_clm.py``-style command line (and ``--config FILE``).
+def build_preference_run(flags: ParsedFlags) -> PreferenceRun:
+    """The typed arguments of a preference run from its one parse (``args.build_args`` plus the preference flags).
 
     Raises:
-        ConfigError: on unknown flags (with a did-you-mean), bad values or an unreadable config file.
+        ConfigError: for what ``TrainingArguments`` rejects.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = _with_cpu_flag(rewrite_legacy_flags(expand_config(argv)))
-    parser = build_preference_parser()
-    try:
-        model, data, finetune, preference, training, remaining = parser.parse_args_into_dataclasses(
-            args=argv, return_remaining_strings=True
-        )
-    except SystemExit as exc:  # argparse exits on bad values; a library must raise instead
-        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
-    except ValueError as exc:  # TrainingArguments.__post_init__ checks
-        raise ConfigError(str(exc)) from exc
-    if remaining:
-        raise_unknown_flags(parser, remaining)
-    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
-        training.output_dir = None  # transformers would invent "trainer_output"; the reference requires it
-    if model.use_auth_token:
-        logger.warning("--use_auth_token is deprecated and ignored; pass --token instead.")
-    if finetune.lora_target_modules and finetune.lora_all_linear and not _given(argv, "--lora_all_linear"):
+    args = build_args(flags, seq2seq=False)
+    finetune = args.finetune
+    if finetune.lora_target_modules and finetune.lora_all_linear and "lora_all_linear" not in flags.given:
         # dpo_clm.py ignored --lora_target_modules under its default --lora_all_linear True; naming
         # modules says which to adapt, so they win over the default (not over an explicit flag).
         logger.warning("--lora_target_modules given: adapting those, not every linear layer "
                        "(dpo_clm.py's default --lora_all_linear True).")
         finetune.lora_all_linear = False
-    return PreferenceRun(ParsedArgs(model, data, finetune, training), preference)
+    return PreferenceRun(args, build_extra(flags, PreferenceArguments))
 
 
-def _with_cpu_flag(argv: list[str]) -> list[str]:
-    """``--use_cpu True`` added when the run will be on the CPU, before TrainingArguments checks ``--bf16``."""
-    if _given(argv, "--use_cpu"):
-        return argv
-    device = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    device.add_argument("--device", default="auto")
-    return argv + ["--use_cpu", "True"] if runs_on_cpu(device.parse_known_args(argv)[0].device) else argv
+def parse_preference_args(argv: list[str] | None = None) -> PreferenceRun:
+    """Parse a ``dpo_clm.py``-style command line (and ``--config FILE``), without setting the process up.
 
-
-def _given(argv: list[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
+    Raises:
+        HelpShown: ``--help`` was given (the help is printed).
+        ConfigError: on unknown flags (with a did-you-mean), bad values or an unreadable config file.
+    """
+    return build_preference_run(parse_flags(argv, parser=build_preference_parser()))
 
 
 def preference_problems(run: PreferenceRun) -> list[str]:

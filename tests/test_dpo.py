@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -54,6 +55,28 @@ def test_reference_cpu_recipe_parses_with_its_defaults():
     assert (args.training.per_device_train_batch_size, args.training.gradient_accumulation_steps) == (2, 2)
     defaults = parse_preference_args(["--model_name_or_path", "m", "--train_file", "p.jsonl", "--output_dir", "o"])
     assert defaults.args.finetune.lora_all_linear  # dpo_clm.py's default
+
+
+def test_dpo_help_lists_the_preference_and_shared_flags_once_each(capsys):
+    from lmtune.preference_args import build_preference_parser
+
+    assert main(["dpo", "--help"]) == 0
+    text = capsys.readouterr().out
+    entries = re.split(r"\n  (?=-)", text.split("\noptions:", 1)[1])
+    listed = [entry.split()[0].rstrip(",") for entry in entries if entry.strip()]
+    for action in build_preference_parser()._actions:
+        assert listed.count(action.option_strings[0]) == 1, action.option_strings
+    for flag in ("--beta", "--orpo", "--adapter", "--lora_rank", "--output_dir", "--config", "--bf16"):
+        assert listed.count(flag) == 1, flag
+    assert "--predict_with_generate" not in listed  # causal models only: no seq2seq flags
+    assert any(e.startswith("--validation_split_percentage") and "(default: 2)" in e for e in entries)
+    assert not [e for e in entries if len(re.findall(r"\(default", e)) > 1 or "(default: None)" in e]
+
+
+def test_lora_target_modules_win_over_the_default_lora_all_linear_only():
+    base = ["--model_name_or_path", "m", "--output_dir", "o", "--lora_target_modules", "q_proj"]
+    assert not parse_preference_args(base).args.finetune.lora_all_linear
+    assert parse_preference_args([*base, "--lora_all_linear", "True"]).args.finetune.lora_all_linear
 
 
 def test_unknown_flag_and_cross_field_problems_are_reported_together():
