@@ -6,6 +6,8 @@ tests skip with one line where no registry can be reached. Kept short: 128-token
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -16,7 +18,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from lmtune.chat.args import ChatArguments
 from lmtune.chat.session import build_session, load_chat_model
 from lmtune.cli import main
-from lmtune.finetuning import finetune
 from lmtune.model.fetch import FetchError, fetch_smollm2
 from lmtune.model.gguf import resolve_model_path
 from lmtune.quickstart import write_chat_split
@@ -44,18 +45,20 @@ def chat_split(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def adapter_run(smollm2_gguf, chat_split, tmp_path_factory) -> Path:
-    """A short LoRA run in ChatML on the shipped data, evaluated on held-out conversations before and after."""
-    train_file, held_out_file, _ = chat_split
+def quickstart_run(smollm2_gguf, tmp_path_factory) -> tuple[Path, str]:
+    """``lmtune quickstart`` made short (its flags overridden as a user can): 4 steps on 128-token rows."""
     out = tmp_path_factory.mktemp("smollm2-lora")
     torch.set_num_threads(2)  # the autouse one-thread fixture suits tiny models; this one is 135M
-    finetune(model_name_or_path=str(smollm2_gguf), train_file=str(train_file), validation_file=str(held_out_file),
-             output_dir=str(out), overwrite_output_dir=True, task="chat", chat_template="tokenizer",
-             do_train=True, do_eval=True, eval_on_start=True, max_train_samples=24, max_eval_samples=8,
-             max_seq_length=128, dataset_concatenation=True, max_steps=4, per_device_train_batch_size=4,
-             learning_rate=1e-3, lora_rank=16, lora_alpha=32, lora_all_linear=True, save_strategy="no",
-             report_to="none", disable_tqdm=True, use_cpu=True)
-    return out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["quickstart", "--output_dir", str(out), "--max_train_samples", "24", "--max_eval_samples", "8",
+                     "--max_seq_length", "128", "--max_steps", "4", "--bf16", "False"]) == 0
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def adapter_run(quickstart_run) -> Path:
+    return quickstart_run[0]
 
 
 def test_conversion_gives_transformers_own_gguf_logits(smollm2_gguf, smollm2_dir):
@@ -84,6 +87,16 @@ def test_chat_answers_and_stops_at_the_end_of_turn_token(smollm2_dir):
     assert new[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") and len(new) < args.max_new_tokens
     answer = tokenizer.decode(new[:-1], skip_special_tokens=True).strip()
     assert answer and "Paris" in answer
+
+
+def test_quickstart_shows_base_and_fine_tuned_answers_to_held_out_prompts(quickstart_run):
+    printed = quickstart_run[1]
+    prompts = [line for line in printed.splitlines() if line.startswith(">>> ")]
+    assert prompts == [">>> Count the letters in the word.", ">>> What is 121 minus 99?", ">>> Multiply 12 by 4."]
+    for label in ("SmolLM2-135M-Instruct", "fine-tuned (LoRA)", "held-out reference"):
+        assert printed.count(f"  {label}") == 3
+    assert "held-out eval loss " in printed and " before training, " in printed
+    assert f"--adapter {quickstart_run[0]}" in printed
 
 
 def test_short_lora_run_lowers_held_out_loss(adapter_run):
