@@ -21,11 +21,11 @@ EXIT_BUG = 1
 
 
 def _finetune(argv: list[str], seq2seq: bool | None) -> int:
-    from lmtune.args import HelpShown
     if not any(a in ("-h", "--help") for a in argv):
         from lmtune.data.early_check import check_json_files_early
 
         check_json_files_early(argv)  # a broken data file is named before torch loads
+    from lmtune.args import HelpShown
     from lmtune.finetuning import parse_for_model, run_finetune
     from lmtune.train.distributed import is_main_process
 

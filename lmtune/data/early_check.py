@@ -10,9 +10,10 @@ read again there.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from lmtune.argv import expand_config, flag_value
+from lmtune.argv import expand_config
 from lmtune.data.json_records import consistent_records, read_json_records
 
 DATA_FLAGS = ("--train_file", "--validation_file")
@@ -25,11 +26,14 @@ def check_json_files_early(argv: list[str]) -> None:
         DataFormatError: the first problem found, worded as stage 1 words it.
         ConfigError: an unreadable ``--config`` file.
     """
-    argv = expand_config(list(argv))
-    skip = flag_value(argv, "--skip_invalid_records")
-    if "--skip_invalid_records" in argv and (skip is None or skip.lower() not in ("false", "0", "no")):
-        return  # bad lines become skipped records: stage 2 counts and reports them
+    # Only these flags, with argparse's own rules (last one wins, --flag=value); the full parse comes later.
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for flag in DATA_FLAGS:
-        value = flag_value(argv, flag)
+        parser.add_argument(flag)
+    parser.add_argument("--skip_invalid_records", nargs="?", const="true", default="false")
+    known, _ = parser.parse_known_args(expand_config(list(argv)))
+    if known.skip_invalid_records.lower() not in ("false", "0", "no"):
+        return  # bad lines become skipped records: stage 2 counts and reports them
+    for value in (known.train_file, known.validation_file):
         if value and value.lower().endswith((".json", ".jsonl")) and Path(value).is_file():
             consistent_records(Path(value), read_json_records(value), skip_invalid=False)
