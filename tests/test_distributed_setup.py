@@ -265,3 +265,10 @@ def test_examples_carry_the_reference_zero3_config():
     config = json.loads((REPO_ROOT / "examples" / "ds_zero3_config.json").read_text())
     assert config["zero_optimization"]["stage"] == 3 and config["bf16"] == {"enabled": True}
     assert config["gradient_clipping"] == 1.0 and config["train_micro_batch_size_per_gpu"] == "auto"
+
+
+def test_a_two_worker_map_leaves_the_environment_as_it_was(tokenizer, alpaca_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    environ = os.environ
+    _prepare(tokenizer, alpaca_file, tmp_path / "cache", preprocessing_num_workers=2, keep_in_memory=True)
+    assert os.environ is environ and "TOKENIZERS_PARALLELISM" not in os.environ

@@ -14,10 +14,11 @@ the same pass, summed afterwards; dropped samples are removed after counting.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,26 @@ def _cache_file(dataset: datasets.Dataset, fingerprint: str, settings: MapSettin
     return str(directory / f"rendered-{fingerprint}.arrow")
 
 
+@contextlib.contextmanager
+def _environment_kept() -> Iterator[None]:
+    """Undo what ``Dataset.map(num_proc=N)`` does to the environment (datasets 5.2).
+
+    It sets ``TOKENIZERS_PARALLELISM=false`` for its workers and then replaces ``os.environ``
+    with a copy taken before, so the variable stays set in the process while any code that
+    holds the original mapping (a default argument, as in ``train.distributed``) no longer
+    sees later changes. Found by a test that read launcher variables after a 2-worker map.
+    """
+    environ, parallelism = os.environ, os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        yield
+    finally:
+        os.environ = environ
+        if parallelism is None:
+            environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            environ["TOKENIZERS_PARALLELISM"] = parallelism
+
+
 def render_dataset(
     dataset: datasets.Dataset,
     row_format: RowFormat,
@@ -159,13 +180,14 @@ def render_dataset(
     fingerprint = Hasher.hash([source._fingerprint, row_format.key, row_format.max_length,
                                row_format.max_prompt_length, row_format.train_on_inputs, row_format.seq2seq,
                                tokenizer_fingerprint(tokenizer), _code_fingerprint()])
-    mapped = source.map(
-        _RenderBatch(tokenizer, row_format), batched=True, with_indices=True, remove_columns=source.column_names,
-        num_proc=settings.num_proc if settings.num_proc and settings.num_proc > 1 else None,
-        load_from_cache_file=use_cache and not settings.overwrite_cache, keep_in_memory=not use_cache,
-        cache_file_name=_cache_file(source, fingerprint, settings) if use_cache else None,
-        new_fingerprint=fingerprint, desc=description,
-    )
+    with _environment_kept():
+        mapped = source.map(
+            _RenderBatch(tokenizer, row_format), batched=True, with_indices=True, remove_columns=source.column_names,
+            num_proc=settings.num_proc if settings.num_proc and settings.num_proc > 1 else None,
+            load_from_cache_file=use_cache and not settings.overwrite_cache, keep_in_memory=not use_cache,
+            cache_file_name=_cache_file(source, fingerprint, settings) if use_cache else None,
+            new_fingerprint=fingerprint, desc=description,
+        )
     stat_names = [*STAT_COLUMNS, SHORTENED]
     columns = mapped.select_columns(stat_names).to_dict()
     stats = collect_stats(columns, indices=row_format.kept,
