@@ -140,12 +140,15 @@ def merge_adapter(
     _check_mergeable(adapter_config, adapter)
     base = resolve_base(adapter, base)
     _check_output_dir(out, overwrite, adapter, base)
+    logger.info("merge: loading the base model %s ...", base)  # each phase can take minutes on a large model
     model, tokenizer, load_dtype = _load_base(base, adapter, dtype, trust_remote_code)
+    logger.info("merge: folding the adapter %s into it ...", adapter)
     try:
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(safe_merge=True)
     except ValueError as err:  # peft's safe_merge found NaN/inf
         raise ConfigError(f"merging {adapter} into {base} failed: {err}") from err
     out.mkdir(parents=True, exist_ok=True)
+    logger.info("merge: saving the merged model to %s ...", out)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     run_args = adapter / ARGS_FILE
