@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +39,7 @@ from lmtune.model.base_model import absolute_model_path
 from lmtune.model.context import fit_to_context
 from lmtune.model.upcast import upcast_compute
 from lmtune.train.distributed import check_device, fsdp_notice
-from lmtune.train.checkpointing import StopOnSignal, checkpoint_step
+from lmtune.train.checkpointing import StopOnSignal
 from lmtune.train.cpu import check_bf16
 from lmtune.run_record import write_run_args
 from lmtune.run_setup import parse_and_set_up
@@ -58,7 +57,7 @@ from lmtune.train.progress import check_report_to, configure_messages, install_p
 from lmtune.train.eval_metrics import evaluation_callbacks
 from lmtune.train.startup import StartupPhases, StartupReport
 from lmtune.train.trainer import build_trainer
-from lmtune.train.whole_run import whole_run_train_loss
+from lmtune.train.whole_run import final_train_metrics
 from lmtune.train.zero import whole_weights
 from lmtune.validation import task_eval_settings, validate_args
 
@@ -283,19 +282,6 @@ def _evaluation_callbacks(args: ParsedArgs, data: PreparedData, *, generated_rou
                                 threshold=ft.early_stopping_threshold)
 
 
-def _train_metrics(metrics: dict[str, Any], state, checkpoint: str | None, data: PreparedData) -> dict[str, Any]:
-    """The Trainer's metrics with the loss of the whole run (also after a resume), and samples told
-    apart from the packed rows that hold them."""
-    metrics = dict(metrics, train_samples=data.stats["train"].kept)
-    if data.packing is not None:
-        metrics["train_rows"] = len(data.train)
-    resumed_at = checkpoint_step(Path(checkpoint)) if checkpoint else None
-    if resumed_at:
-        metrics["train_loss"] = whole_run_train_loss(state.log_history, resumed_at, state.global_step,
-                                                     metrics["train_loss"])
-    return metrics
-
-
 def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     """Run one fine-tuning job as the arguments describe.
 
@@ -373,7 +359,10 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         if stopper.received is not None:
             raise stopper.interruption(trainer.state, training.output_dir)
         trainer.save_model()
-        train_metrics = _train_metrics(result.metrics, trainer.state, checkpoint, data)
+        train_metrics = final_train_metrics(
+            result.metrics, trainer.state.log_history, trainer.state.global_step, resumed_from=checkpoint,
+            samples=data.stats["train"].kept, rows=len(data.train) if data.packing is not None else None,
+        )
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()

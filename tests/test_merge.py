@@ -7,6 +7,7 @@ scales), so equality with peft's own base+adapter logits is a real check.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -52,14 +53,17 @@ def llama_dir(tmp_path, tokenizer) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
-def test_merged_model_equals_base_plus_adapter(kind, llama_dir, tmp_path):
+def test_merged_model_equals_base_plus_adapter(kind, llama_dir, tmp_path, caplog):
     configs = {
         "lora": LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
         "dora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=True),
         "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     }
     adapter = _save_adapter(llama_dir, tmp_path / "adapter", configs[kind])
-    out = merge_adapter(adapter, tmp_path / "merged")  # base read back from lmtune_args.json
+    with caplog.at_level(logging.INFO, logger="lmtune"):
+        out = merge_adapter(adapter, tmp_path / "merged")  # base read back from lmtune_args.json
+    phases = [r.getMessage().split(" ")[1] for r in caplog.records if r.getMessage().startswith("merge: ")]
+    assert phases == ["loading", "folding", "saving"]
 
     assert (out / "model.safetensors").is_file() and (out / "generation_config.json").is_file()
     assert not (out / "adapter_config.json").exists()

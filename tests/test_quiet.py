@@ -34,6 +34,8 @@ class Kept(logging.Handler):
 def test_library_notices_are_dropped_unless_verbose(verbose):
     kept = Kept()
     with preserved_process_state():
+        for name in LIBRARY_NOTICES:  # as in a fresh process: earlier command-line runs in this one added filters
+            logging.getLogger(name).filters.clear()
         configure_messages(interactive=True, verbose=verbose)
         for name, prefixes in LIBRARY_NOTICES.items():
             logging.getLogger(name).addHandler(kept)  # transformers' loggers do not propagate to the root

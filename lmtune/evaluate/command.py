@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase
 
+from lmtune.progress_lines import tracked
 from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import RenderSettings, prepare_data
 from lmtune.data.render import IGNORE_INDEX
@@ -189,7 +190,7 @@ def dataset_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     collate = (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX) if seq2seq
                else CausalLMCollator(tokenizer.pad_token_id))
     total, tokens = 0.0, 0
-    for start in range(0, len(samples), batch_size):
+    for start in tracked(range(0, len(samples), batch_size), -(-len(samples) // batch_size), "perplexity"):
         rows = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
         batch = {k: v.to(model.device) for k, v in collate([dict(r) for r in rows]).items()}
         # Causal LMs predict token t+1 from position t: the first label never counts.

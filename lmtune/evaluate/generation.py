@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lmtune.progress_lines import tracked
 from lmtune.errors import ConfigError
 
 # Knobs that only matter when sampling; transformers v5 rejects them when
@@ -207,7 +208,7 @@ def _generate_longest_first(
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     outputs: list[list[str]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
+    for start in tracked(range(0, len(order), batch_size), -(-len(order) // batch_size), "generating"):
         indices = order[start : start + batch_size]
         batch = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(model.device)
         generated = model.generate(**batch, generation_config=config)

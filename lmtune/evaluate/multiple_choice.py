@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lmtune.progress_lines import tracked
 from lmtune.errors import ConfigError, DataFormatError, UnsupportedError
 
 # lm-eval's truthfulqa_mc1/mc2 doc_to_text prefix (lm_eval/tasks/truthfulqa/truthfulqa_mc1.yaml),
@@ -245,7 +246,7 @@ def loglikelihoods(
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
+            for start in tracked(range(0, len(order), batch_size), -(-len(order) // batch_size), "scoring answers"):
                 chunk = order[start : start + batch_size]
                 batch_scores = _score_batch(model, [encoded[i] for i in chunk], pad_id, max_length)
                 scores.update((unique[i], score) for i, score in zip(chunk, batch_scores, strict=True))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lmtune.progress_lines import tracked
 from lmtune.errors import ConfigError, DataFormatError
 from lmtune.evaluate.multiple_choice import MCQuestion, truthfulqa_scores
 
@@ -81,7 +82,7 @@ def seq2seq_loglikelihoods(
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
+            for start in tracked(range(0, len(order), batch_size), -(-len(order) // batch_size), "scoring answers"):
                 chunk = order[start : start + batch_size]
                 values = _score_batch(model, [encoded[i] for i in chunk], pad_id)
                 scores.update((unique[i], value) for i, value in zip(chunk, values, strict=True))

@@ -134,14 +134,17 @@ def merge_adapter(
     _check_mergeable(adapter_config, adapter)
     base = resolve_base(adapter, base)
     _check_output_dir(out, overwrite, adapter, base)
+    logger.info("merge: loading the base model %s ...", base)  # each phase can take minutes on a large model
     # On the CPU, whatever the machine has: the merged weights go to disk, not to a device.
     model, tokenizer = load_for_use(base, adapter, device="cpu", dtype=dtype, trust_remote_code=trust_remote_code)
     load_dtype = model.dtype
+    logger.info("merge: folding the adapter %s into it ...", adapter)
     try:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as err:  # peft's safe_merge found NaN/inf
         raise ConfigError(f"merging {adapter} into {base} failed: {err}") from err
     out.mkdir(parents=True, exist_ok=True)
+    logger.info("merge: saving the merged model to %s ...", out)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     run_args = adapter / ARGS_FILE

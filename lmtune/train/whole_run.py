@@ -7,7 +7,10 @@ over the steps since the previous log), so the whole run's mean is rebuilt from 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from lmtune.train.checkpointing import checkpoint_step
 
 
 def whole_run_train_loss(log_history: list[dict[str, Any]], resumed_at: int, final_step: int,
@@ -34,3 +37,16 @@ def whole_run_train_loss(log_history: list[dict[str, Any]], resumed_at: int, fin
             last = step
     resumed_steps = final_step - resumed_at
     return (known_sum + resumed_loss * resumed_steps) / max(known_steps + resumed_steps, 1)
+
+
+def final_train_metrics(metrics: dict[str, Any], log_history: list[dict[str, Any]], global_step: int, *,
+                        resumed_from: str | None, samples: int, rows: int | None) -> dict[str, Any]:
+    """The Trainer's training metrics with the loss of the whole run (also after a resume), and
+    samples told apart from the packed rows that hold them (``rows``: None when not packed)."""
+    metrics = dict(metrics, train_samples=samples)
+    if rows is not None:
+        metrics["train_rows"] = rows
+    resumed_at = checkpoint_step(Path(resumed_from)) if resumed_from else None
+    if resumed_at:
+        metrics["train_loss"] = whole_run_train_loss(log_history, resumed_at, global_step, metrics["train_loss"])
+    return metrics
