@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
 from lmtune.errors import ConfigError, LmtuneError, UnsupportedError
+from lmtune.train.cpu import allocator_preload
 from lmtune.train.distributed import DEFAULT_MASTER_ADDR, threads_per_rank
 
 Mode = Literal["torchrun", "mpi", "deepspeed"]
@@ -373,6 +374,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m lmtune.launch") -
         threads = threads_per_rank(args.world_size // args.nnodes)
         env["OMP_NUM_THREADS"] = str(threads)
         prefix = f"OMP_NUM_THREADS={threads} "
+    if (preload := allocator_preload(env)) is not None:  # lower peak memory (lmtune/train/cpu.py)
+        env["LD_PRELOAD"] = preload
+        prefix += f"LD_PRELOAD={preload} "
     print(f"{_name(prog)}: running: {prefix}{shlex.join(command)}", flush=True)
     returncode = subprocess.run(command, env=env, check=False).returncode
     return 128 - returncode if returncode < 0 else returncode

@@ -262,3 +262,31 @@ def test_console_scripts_freeze_the_garbage_collector_only_after_the_command(mon
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"lmtune": "lmtune.cli:script_main", "finetune_clm": "lmtune.cli:script_clm",
                        "finetune_seq2seq": "lmtune.cli:script_seq2seq"}
+
+
+def test_launch_preloads_jemalloc_unless_told_or_already_given_an_allocator(tmp_path):
+    from lmtune.train.cpu import allocator_preload
+
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    found = (str(tmp_path / "absent.so"), str(lib))
+    assert allocator_preload({}, found) == str(lib)
+    assert allocator_preload({"LD_PRELOAD": "/opt/libfoo.so"}, found) == f"{lib}:/opt/libfoo.so"
+    assert allocator_preload({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, found) is None
+    assert allocator_preload({"LMTUNE_ALLOCATOR": "system"}, found) is None
+    assert allocator_preload({}, (str(tmp_path / "absent.so"),)) is None
+
+
+def test_launch_prints_and_passes_the_preload(monkeypatch, capsys, tmp_path):
+    import subprocess
+
+    from lmtune import launch
+
+    seen = {}
+    monkeypatch.setattr(launch, "allocator_preload", lambda env: "/x/libjemalloc.so.2")
+    monkeypatch.setattr(subprocess, "run", lambda command, env, check: seen.update(env=env) or
+                        subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(launch.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert launch.main(["--world_size", "2", "finetune_clm", "--output_dir", str(tmp_path)]) == 0
+    assert seen["env"]["LD_PRELOAD"] == "/x/libjemalloc.so.2"
+    assert "LD_PRELOAD=/x/libjemalloc.so.2 " in capsys.readouterr().out

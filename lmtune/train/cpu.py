@@ -132,3 +132,29 @@ def check_bf16(cpuinfo: str | None = None, *, measure: bool = True, seconds: flo
     fp32 = matmul_gflops(torch.float32, seconds=seconds)
     bf16 = matmul_gflops(torch.bfloat16, seconds=seconds)
     return Bf16Check(units, bf16_gflops=bf16, fp32_gflops=fp32)
+
+
+# Debian/Ubuntu (libjemalloc2) and Fedora/RHEL (jemalloc) install paths.
+JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+)
+
+
+def allocator_preload(env: dict[str, str], candidates: tuple[str, ...] = JEMALLOC_PATHS) -> str | None:
+    """The ``LD_PRELOAD`` that gives launched ranks jemalloc, or None to leave the environment alone.
+
+    glibc's allocator keeps freed activation buffers fragmented across a training step; with
+    jemalloc preloaded the benchmark's peak RSS fell by 11% at the same CPU time
+    (bench/README.md). It must be preloaded before the process starts, so only ``lmtune
+    launch``, which starts the ranks, can set it. Left alone when ``LMTUNE_ALLOCATOR=system``,
+    when ``LD_PRELOAD`` already names jemalloc or tcmalloc, or when no jemalloc is installed.
+    """
+    current = env.get("LD_PRELOAD", "")
+    if env.get("LMTUNE_ALLOCATOR", "").lower() == "system" or "jemalloc" in current or "tcmalloc" in current:
+        return None
+    found = next((path for path in candidates if Path(path).is_file()), None)
+    if found is None:
+        return None
+    return f"{found}:{current}" if current else found
