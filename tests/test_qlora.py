@@ -62,10 +62,25 @@ def test_unrunnable_requests_say_what_would_work(monkeypatch, tiny_llama_dir, al
                  do_train=True, qlora=True, full_finetune=True, use_cpu=True)
 
 
+@pytest.fixture(scope="module")
+def qlora_llama_dir(tmp_path_factory, tokenizer):
+    """A tiny LLaMA whose linear layers have multiples of 32 outputs: bitsandbytes' 4-bit CPU kernels for
+    AVX512 machines pack weights in blocks of 32 rows ("N must be divisible by block_n" otherwise)."""
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    path = tmp_path_factory.mktemp("qlora-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=64, intermediate_size=64)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @needs_bnb
 @pytest.mark.slow
 @pytest.mark.parametrize("bits,quant_type,double_quant", [(4, "nf4", True), (4, "fp4", False), (8, "nf4", True)])
-def test_qlora_trains_a_lora_adapter_on_a_quantized_base(bits, quant_type, double_quant, tiny_llama_dir,
+def test_qlora_trains_a_lora_adapter_on_a_quantized_base(bits, quant_type, double_quant, qlora_llama_dir,
                                                          alpaca_file, tmp_path, trainer_spy):
     import bitsandbytes as bnb
 
@@ -73,7 +88,7 @@ def test_qlora_trains_a_lora_adapter_on_a_quantized_base(bits, quant_type, doubl
 
     out = tmp_path / "out"
     metrics = finetune(
-        model_name_or_path=str(tiny_llama_dir), train_file=str(alpaca_file), output_dir=str(out), do_train=True,
+        model_name_or_path=str(qlora_llama_dir), train_file=str(alpaca_file), output_dir=str(out), do_train=True,
         qlora=True, bits=bits, quant_type=quant_type, double_quant=double_quant, lora_all_linear=True,
         max_steps=6, per_device_train_batch_size=4, learning_rate=2e-2, max_seq_length=128, logging_steps=1,
         save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,
