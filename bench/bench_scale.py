@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.assets import SHARED_DATA, build_model_dir  # noqa: E402
+from bench.assets import SHARED_DATA, build_model_dir
 
 ALPACA_52K = SHARED_DATA / "alpaca" / "alpaca_data_52k_en_from_open-chinese.json"
 SLIMORCA = SHARED_DATA / "hub" / "Open-Orca" / "SlimOrca"
