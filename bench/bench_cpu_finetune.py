@@ -23,8 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.assets import MODEL_PRESETS, MissingDataError, build_model_dir, require_shared_data, write_records  # noqa: E402
-from bench.report import Measurement, format_table, goal_lines, ratios_line, summarize  # noqa: E402
+from bench.assets import (
+    MODEL_PRESETS,
+    MissingDataError,
+    build_model_dir,
+    require_shared_data,
+    write_records,
+)
+from bench.report import Measurement, format_table, goal_lines, ratios_line, summarize
 
 VARIANTS: dict[str, dict] = {
     "ref-concat": dict(kind="reference", concatenation=True, bf16=True,
@@ -111,7 +117,8 @@ def measure_ceiling(seconds: float = 2.0) -> dict[str, float]:
 def torchtune_missing(python: str) -> str | None:
     """Why ``python`` cannot run torchtune's LoRA recipe, or None when it can."""
     probe = "import sys; sys.path.insert(0, 'bench'); from torchtune_path import recipe_class; recipe_class()"
-    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=False,
+                         cwd=Path(__file__).resolve().parents[1])
     return None if out.returncode == 0 else (out.stderr.strip().splitlines() or ["import failed"])[-1]
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmtune.train.loss import causal_lm_loss_sum, shifted_targets  # noqa: E402
+from lmtune.train.loss import causal_lm_loss_sum, shifted_targets
 
 VOCABULARIES = {"32K (LLaMA-2, hidden 768)": (32000, 768), "49K (SmolLM2, hidden 576)": (49152, 576),
                 "256K (Gemma, hidden 768)": (256000, 768)}

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.assets import SHARED_DATA, build_model_dir  # noqa: E402
+from bench.assets import SHARED_DATA, build_model_dir
 
 ALPACA_52K = SHARED_DATA / "alpaca" / "alpaca_data_52k_en_from_open-chinese.json"
 SLIMORCA = SHARED_DATA / "hub" / "Open-Orca" / "SlimOrca"
@@ -72,7 +72,8 @@ def run(name: str, data_flags: list[str], model_dir: Path, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000, 52002])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[2000, 20000, 52002],
+                        help="Alpaca record counts (none: only the SlimOrca stand-in).")
     parser.add_argument("--stream-samples", type=int, default=2000)
     args = parser.parse_args(argv)
     if not ALPACA_52K.is_file():
@@ -88,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                          "--max_train_samples", str(args.stream_samples)], model_dir, work))
         print(rows[-2], rows[-1], flush=True)
     if SLIMORCA.is_dir():
-        chat = ["--dataset_name", str(SLIMORCA), "--task", "chat"]
+        # The stand-in has a record with an empty assistant message, which lmtune rejects by default.
+        chat = ["--dataset_name", str(SLIMORCA), "--task", "chat", "--skip_invalid_records"]
         rows.append(run("SlimOrca stand-in, --dataset_name", chat, model_dir, work))
         rows.append(run("SlimOrca stand-in, --dataset_name --streaming", chat + ["--streaming"], model_dir, work))
+        print(rows[-2], rows[-1], flush=True)
     print("| data | data preparation s | process start to first step done s | whole process s | peak RSS MB |")
     print("|---|---|---|---|---|")
     for r in rows:

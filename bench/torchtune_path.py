@@ -85,7 +85,7 @@ def recipe_class():
 
 def run_torchtune(spec: dict, record: dict) -> dict:
     """One epoch of the recipe; fills ``record`` with step start times as the worker's step timer does."""
-    LoRAFinetuneRecipeSingleDevice = recipe_class()  # noqa: N806
+    LoRAFinetuneRecipeSingleDevice = recipe_class()
 
     cfg = recipe_config(model_dir=spec["model_dir"], train_file=spec["train_file"], output_dir=spec["output_dir"],
                         max_seq_length=spec["max_seq_length"], batch_size=spec["batch_size"], bf16=spec["bf16"],

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
@@ -16,7 +15,14 @@ import lmtune.finetuning as finetune_module
 from lmtune.args import parse_args
 from lmtune.cli import main_clm
 from lmtune.model.upcast import UpcastLinear, upcast_compute
-from lmtune.train.cpu import Bf16Check, bf16_units, check_bf16, cpu_flags, matmul_gflops, read_cpuinfo
+from lmtune.train.cpu import (
+    Bf16Check,
+    bf16_units,
+    check_bf16,
+    cpu_flags,
+    matmul_gflops,
+    read_cpuinfo,
+)
 from tests.conftest import tiny_llama_config
 
 SAPPHIRE_RAPIDS = """processor\t: 0
@@ -250,8 +256,9 @@ def test_linear_subclasses_compute_in_float32_too():
 
 def test_console_scripts_freeze_the_garbage_collector_only_after_the_command(monkeypatch):
     import gc
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from lmtune import cli
 

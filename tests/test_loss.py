@@ -14,11 +14,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
 
 from lmtune.data.render import IGNORE_INDEX
 from lmtune.train.loss import causal_lm_loss_sum, chunk_rows, shifted_targets
-from lmtune.train.trainer import PLAIN_HEAD_MODEL_TYPES, LmtuneTrainer, _plain_head_parts
+from lmtune.train.trainer import (
+    PLAIN_HEAD_MODEL_TYPES,
+    LmtuneTrainer,
+    _plain_head_parts,
+)
 from tests.conftest import tiny_llama_config
 
 VOCAB = 97

@@ -146,7 +146,7 @@ def allocator_preload(env: dict[str, str], candidates: tuple[str, ...] = JEMALLO
     """The ``LD_PRELOAD`` that gives launched ranks jemalloc, or None to leave the environment alone.
 
     glibc's allocator keeps freed activation buffers fragmented across a training step; with
-    jemalloc preloaded the benchmark's peak RSS fell by 11% at the same CPU time
+    jemalloc preloaded the benchmark's peak RSS fell by 14% at the same CPU time
     (bench/README.md). It must be preloaded before the process starts, so only ``lmtune
     launch``, which starts the ranks, can set it. Left alone when ``LMTUNE_ALLOCATOR=system``,
     when ``LD_PRELOAD`` already names jemalloc or tcmalloc, or when no jemalloc is installed.
