@@ -24,6 +24,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -271,3 +272,32 @@ class StopOnSignal(TrainerCallback):
                    "Run the same command again to resume from it.")
         logger.warning(message)
         return KeyboardInterrupt(message)
+
+
+def train_and_save(
+    trainer, stopper: StopOnSignal, checkpoint: str | None,
+    train_metrics: Callable[[dict[str, float]], dict[str, Any]],
+) -> dict[str, Any]:
+    """Train (resuming from ``checkpoint``), stop cleanly on a signal, then save the model, the
+    metrics and the Trainer state the way the reference's scripts do.
+
+    Args:
+        trainer: A Trainer with ``stopper`` among its callbacks.
+        train_metrics: Turns ``train()``'s metrics into the ones reported (the command's own additions).
+
+    Returns:
+        The reported training metrics (also in ``train_results.json``).
+
+    Raises:
+        KeyboardInterrupt: a signal stopped training (after a checkpoint was saved).
+    """
+    with stopper.installed():
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.received is not None:
+        raise stopper.interruption(trainer.state, trainer.args.output_dir)
+    trainer.save_model()
+    metrics = train_metrics(result.metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
