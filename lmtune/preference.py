@@ -8,10 +8,6 @@ evaluate, write the model card. Only the data (pairs) and the loss (``train/pref
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in finetune.py: see there
-
 import logging
 from pathlib import Path
 from typing import Any
