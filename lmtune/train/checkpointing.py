@@ -191,24 +191,6 @@ def _fix_best_checkpoint_path(trainer, staged: Path, final: Path) -> None:
             state.save_to_json(str(staged / "trainer_state.json"))
 
 
-class AtomicCheckpointMixin:
-    """Atomic checkpoints for a Trainer built outside ``train/trainer.py`` that mixes this in.
-
-    Kept so that such trainers (the preference trainer of the ``dpo`` work) keep working; the
-    trainers of ``train/trainer.py`` override the two private methods in their own body instead,
-    which is the shape to move to (no mixins).
-    """
-
-    staging_run_dir: str | None = None
-
-    def _get_output_dir(self, trial) -> str:
-        return self.staging_run_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        stock_save, run_dir = super()._save_checkpoint, Path(super()._get_output_dir(trial))
-        save_checkpoint_atomically(self, run_dir, lambda: stock_save(model, trial))
-
-
 class StopOnSignal(TrainerCallback):
     """Stop at the next optimizer-step boundary after SIGINT/SIGTERM, saving a checkpoint first.
 
