@@ -7,7 +7,6 @@ any weights load), load the model, attach the adapter, train, save, evaluate, re
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -26,9 +25,7 @@ from lmtune.evaluate.after_training import evaluate_after_training, generated_ro
 from lmtune.evaluate.in_training import build_task_metrics
 from lmtune.evaluate.tasks import ROUGE, check_task_evaluation
 from lmtune.export.model_card import write_run_summary
-from lmtune.model.adapters import AdapterSettings, apply_adapter, check_method_allowed
 from lmtune.model.load import (
-    fit_embeddings_to_tokenizer,
     is_seq2seq,
     load_config,
     load_model,
@@ -38,22 +35,26 @@ from lmtune.model.load import (
 from lmtune.model.base_model import absolute_model_path
 from lmtune.model.context import fit_to_context
 from lmtune.model.upcast import upcast_compute
-from lmtune.train.distributed import check_device, fsdp_notice
-from lmtune.train.checkpointing import StopOnSignal
-from lmtune.train.cpu import check_bf16
+from lmtune.train.distributed import fsdp_notice
+from lmtune.train.checkpointing import StopOnSignal, train_and_save
 from lmtune.run_record import write_run_args
-from lmtune.run_setup import parse_and_set_up
+from lmtune.run_setup import (
+    adapt_model,
+    check_cpu_bf16,
+    check_model_flags,
+    configure_logging,
+    transformers_log_level,
+    parse_and_set_up,
+    quant_settings,
+    with_device,
+)
 from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir
 from lmtune.process_state import preserved_process_state
 from lmtune.model.quantize import (
-    QuantSettings,
-    check_quantization_backend,
-    prepare_quantized_model,
     quantization_config,
     quantized_device_map,
 )
-from lmtune.train.packing_check import PACK_BY_MASK, check_packing_isolation
-from lmtune.train.progress import check_report_to, configure_messages, install_progress, is_interactive
+from lmtune.train.progress import check_report_to, install_progress
 from lmtune.train.eval_metrics import evaluation_callbacks
 from lmtune.train.startup import StartupPhases, StartupReport
 from lmtune.train.trainer import build_trainer
@@ -64,78 +65,12 @@ from lmtune.validation import task_eval_settings, validate_args
 logger = logging.getLogger(__name__)
 
 
-def _configure_logging(training: transformers.TrainingArguments) -> None:
-    level = training.get_process_log_level()
-    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
-    logging.getLogger("lmtune").setLevel(level if training.log_level != "passive" else logging.INFO)
-    transformers.utils.logging.set_verbosity(_transformers_level(training))
-    configure_messages(interactive=is_interactive(training.disable_tqdm), verbose=level <= logging.DEBUG)
-
-
-def _transformers_level(training: transformers.TrainingArguments) -> int:
-    """transformers' own info lines (each loaded config in full, "Do not forget to share your model")
-    would drown lmtune's at the reference's --log_level info: they show from --log_level debug."""
-    level = training.get_process_log_level()
-    return level if level <= logging.DEBUG else max(level, logging.WARNING)
-
-
-def _with_device(args: ParsedArgs) -> ParsedArgs:
-    """Resolve ``--device`` into the TrainingArguments (``use_cpu``) before anything is placed."""
-    device = check_device("hpu" if args.finetune.use_habana else args.finetune.device)
-    if device == "cpu" and not args.training.use_cpu:
-        args.training = dataclasses.replace(args.training, use_cpu=True)
-    return args
-
-
 def _record_absolute_paths(args: ParsedArgs) -> None:
     """A local base model is loaded, and so recorded (``lmtune_args.json``, peft's ``adapter_config.json``),
     by its absolute path: chat, eval and merge then find it from any directory."""
     model = args.model
     for name in ("model_name_or_path", "tokenizer_name", "config_name"):
         setattr(model, name, absolute_model_path(getattr(model, name)))
-
-
-def _check_cpu_bf16(args: ParsedArgs) -> tuple[ParsedArgs, bool]:
-    """On a CPU, keep ``--bf16`` only where bf16 matrix multiplies beat float32 (``train/cpu.py``).
-
-    Without AMX or AVX512-BF16, PyTorch emulates bf16 and training runs many times slower,
-    so the run computes in float32 instead and says so; an adapter run still keeps the
-    frozen weights in bf16, as asked (``model/upcast.py``). Ranks of a distributed run
-    decide from the CPU flags alone, so that they all decide the same.
-
-    Returns:
-        The arguments (``bf16`` off where it would not help), and whether to store the
-        frozen weights in bf16 while computing in float32.
-    """
-    training = args.training
-    # A DeepSpeed config sets its own precision (the reference's pins bf16.enabled): dropping --bf16
-    # would fail DeepSpeed's check of the config against these arguments at the first step.
-    if not training.use_cpu or args.finetune.qlora or training.deepspeed:
-        return args, False
-    check = check_bf16(measure=False)
-    if training.world_size == 1 and (training.bf16 or check.helps):  # timing costs about a second
-        check = check_bf16(measure=True)
-    notice = check.notice(requested=training.bf16)
-    if notice and training.process_index == 0:
-        logger.warning(notice)
-    if training.bf16 and not check.helps:
-        args.training = dataclasses.replace(training, bf16=False)
-        return args, not args.finetune.full_finetune
-    return args, False
-
-
-def _quant_settings(args: ParsedArgs) -> QuantSettings | None:
-    ft, training = args.finetune, args.training
-    return QuantSettings.from_flags(ft.bits, ft.quant_type, ft.double_quant, training.bf16, training.fp16) \
-        if ft.qlora else None
-
-
-def _check_model_flags(args: ParsedArgs) -> None:
-    """Method and quantization requests this machine or peft cannot run fail here, before anything loads."""
-    check_method_allowed(args.finetune.peft, packed=args.data.dataset_concatenation)
-    quant = _quant_settings(args)
-    if quant is not None:
-        check_quantization_backend(quant, check_device(args.finetune.device))
 
 
 def _prepare(args: ParsedArgs, tokenizer, *, seq2seq: bool) -> PreparedData:
@@ -202,7 +137,7 @@ def _build_model(
 ) -> tuple[PreTrainedModel, torch.dtype | None]:
     """Load, quantize (QLoRA), probe packing and attach the adapter.
 
-    ``bf16_storage``: load the weights in bf16 but compute in float32 (``_check_cpu_bf16``).
+    ``bf16_storage``: load the weights in bf16 but compute in float32 (``check_cpu_bf16``).
 
     Returns:
         The model to train, and the dtype of the explicit block-diagonal mask packed rows
@@ -210,7 +145,7 @@ def _build_model(
     """
     model_args, ft, training = args.model, args.finetune, args.training
     dtype = torch.bfloat16 if bf16_storage else resolve_dtype(training.bf16, training.fp16, ft.full_finetune)
-    quant = _quant_settings(args)
+    quant = quant_settings(args)
     model = load_model(
         model_args.model_name_or_path, config, dtype=dtype,
         revision=model_args.model_revision, token=model_args.token,
@@ -220,38 +155,7 @@ def _build_model(
         device_map=quantized_device_map(training.device.type) if quant else None,
     )
     with whole_weights(model):  # ZeRO-3 loads the weights partitioned; the checks below run the model
-        return _adapt_model(args, model, tokenizer, dtype, quant, bf16_storage=bf16_storage)
-
-
-def _adapt_model(
-    args: ParsedArgs, model: PreTrainedModel, tokenizer, dtype: torch.dtype | None, quant: QuantSettings | None,
-    *, bf16_storage: bool = False,
-) -> tuple[PreTrainedModel, torch.dtype | None]:
-    """Fit the embeddings, prepare QLoRA, probe packing, attach the adapter (see ``_build_model``)."""
-    ft, training = args.finetune, args.training
-    fit_embeddings_to_tokenizer(model, tokenizer)
-    if bf16_storage:  # after any resize: new embedding rows must compute in float32 too
-        upcast_compute(model)
-        dtype = torch.float32
-    # Training needs no KV cache, and with one transformers stops deriving the block-diagonal
-    # mask of packed rows from their position_ids: packed samples would attend to each other.
-    model.config.use_cache = False
-    if quant is not None:
-        model = prepare_quantized_model(model, activation_checkpointing=training.activation_checkpointing)
-    elif training.activation_checkpointing and not ft.full_finetune:
-        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
-    packing = check_packing_isolation(model) if args.data.dataset_concatenation else None
-    block_mask_dtype = dtype if packing == PACK_BY_MASK else None
-    if ft.full_finetune:
-        return model, block_mask_dtype
-    settings = AdapterSettings(
-        peft=ft.peft, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
-        lora_target_modules=tuple(ft.lora_target_modules) if ft.lora_target_modules else None,
-        lora_all_linear=ft.lora_all_linear, use_dora=ft.use_dora, use_rslora=ft.use_rslora,
-        adapter_layers=ft.adapter_layers, adapter_len=ft.adapter_len,
-        num_virtual_tokens=ft.num_virtual_tokens, ptun_hidden_size=ft.ptun_hidden_size,
-    )
-    return apply_adapter(model, settings, packed=args.data.dataset_concatenation), block_mask_dtype
+        return adapt_model(args, model, tokenizer, dtype, quant, bf16_storage=bf16_storage)
 
 
 def _collator(args: ParsedArgs, tokenizer, *, seq2seq: bool, block_mask_dtype: torch.dtype | None):
@@ -296,17 +200,17 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     if args.finetune.dry_run and not (args.training.do_train or args.training.do_eval):
         args.training.do_train = True  # a bare --dry_run reports what training would see
     validate_args(args, checks=(
-        lambda: _check_model_flags(args), lambda: check_task_evaluation(task_eval_settings(args)),
+        lambda: check_model_flags(args), lambda: check_task_evaluation(task_eval_settings(args)),
         lambda: check_report_to(args.training.report_to),
     ))
     _record_absolute_paths(args)
-    args = _with_device(args)
+    args = with_device(args)
     model_args, data_args, ft, training = args.model, args.data, args.finetune, args.training
-    _configure_logging(training)
+    configure_logging(training)
     if training.process_index == 0 and (notice := fsdp_notice(bool(training.fsdp), training.use_cpu)):
         logger.warning(notice)
     phases.mark("argument checks")
-    args, bf16_storage = _check_cpu_bf16(args)
+    args, bf16_storage = check_cpu_bf16(args)
     phases.mark("bf16 probe")
     training = args.training
     transformers.set_seed(training.seed)
@@ -351,22 +255,16 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         seq2seq=seq2seq_trainer, compute_metrics=rouge_metrics, task_metrics=task_metrics,
     )
     install_progress(trainer)
-    transformers.utils.logging.set_verbosity(_transformers_level(training))  # Trainer() set its own
+    transformers.utils.logging.set_verbosity(transformers_log_level(training))  # Trainer() set its own
     metrics: dict[str, Any] = {}
     if training.do_train:
-        with stopper.installed():
-            result = trainer.train(resume_from_checkpoint=checkpoint)
-        if stopper.received is not None:
-            raise stopper.interruption(trainer.state, training.output_dir)
-        trainer.save_model()
-        train_metrics = final_train_metrics(
-            result.metrics, trainer.state.log_history, trainer.state.global_step, resumed_from=checkpoint,
-            samples=data.stats["train"].kept, rows=len(data.train) if data.packing is not None else None,
-        )
-        trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-        trainer.save_state()
-        metrics.update(train_metrics)
+        metrics.update(train_and_save(
+            trainer, stopper, checkpoint,
+            lambda result: final_train_metrics(
+                result, trainer.state.log_history, trainer.state.global_step, resumed_from=checkpoint,
+                samples=data.stats["train"].kept, rows=len(data.train) if data.packing is not None else None,
+            ),
+        ))
     metrics.update(evaluate_after_training(trainer, tokenizer, task_eval_settings(args), data))
     if training.do_train and trainer.is_world_process_zero():
         write_run_summary(training.output_dir, trainer.state.log_history, world_size=training.world_size)

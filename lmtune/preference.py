@@ -8,10 +8,6 @@ evaluate, write the model card. Only the data (pairs) and the loss (``train/pref
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in finetune.py: see there
-
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,9 +23,7 @@ from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.report import estimate_steps
 from lmtune.errors import ConfigError
 from lmtune.export.model_card import write_run_summary
-from lmtune.finetuning import _adapt_model, _check_cpu_bf16, _check_model_flags, _configure_logging, _with_device
-from lmtune.model.load import fit_embeddings_to_tokenizer, load_config, load_model, load_tokenizer, resolve_dtype
-from lmtune.model.upcast import upcast_compute
+from lmtune.model.load import load_config, load_model, load_tokenizer, resolve_dtype
 from lmtune.preference_args import (
     PreferenceRun,
     build_preference_parser,
@@ -37,9 +31,17 @@ from lmtune.preference_args import (
     preference_args_to_dict,
     preference_problems,
 )
-from lmtune.train.checkpointing import StopOnSignal
+from lmtune.train.checkpointing import StopOnSignal, train_and_save
 from lmtune.run_record import write_run_args
-from lmtune.run_setup import parse_and_set_up
+from lmtune.run_setup import (
+    adapt_model,
+    check_cpu_bf16,
+    check_model_flags,
+    configure_logging,
+    parse_and_set_up,
+    prepare_for_training,
+    with_device,
+)
 from lmtune.train.output_dir import clear_earlier_run, prepare_output_dir
 from lmtune.train.preference import REFERENCE_ADAPTER, PreferenceCollator, build_preference_trainer
 from lmtune.train.preference_loss import Objective
@@ -118,7 +120,7 @@ def _load_sft_adapter(model: PreTrainedModel, adapter: str, *, with_reference: b
 
 
 def _build_policy(run: PreferenceRun, config, tokenizer, *, bf16_storage: bool) -> PreTrainedModel:
-    """Load the base model and attach a new adapter (``_adapt_model``, as for SFT) or the SFT adapter."""
+    """Load the base model and attach a new adapter (``adapt_model``, as for SFT) or the SFT adapter."""
     model_args, ft, training, pref = run.args.model, run.args.finetune, run.args.training, run.preference
     dtype = torch.bfloat16 if bf16_storage else resolve_dtype(training.bf16, training.fp16, ft.full_finetune)
     model = load_model(
@@ -127,15 +129,10 @@ def _build_policy(run: PreferenceRun, config, tokenizer, *, bf16_storage: bool) 
         allow_pickle_weights=model_args.allow_pickle_weights,
     )
     if not pref.adapter:
-        return _adapt_model(run.args, model, tokenizer, dtype, None, bf16_storage=bf16_storage)[0]
+        return adapt_model(run.args, model, tokenizer, dtype, None, bf16_storage=bf16_storage)[0]
     logger.info("--adapter %s: training that adapter further, with its own configuration (the --lora_* flags "
                 "and --peft do not apply).", pref.adapter)
-    fit_embeddings_to_tokenizer(model, tokenizer)
-    if bf16_storage:
-        upcast_compute(model)
-    model.config.use_cache = False
-    if training.activation_checkpointing:
-        model.enable_input_require_grads()
+    model, _ = prepare_for_training(run.args, model, tokenizer, dtype, None, bf16_storage=bf16_storage)
     return _load_sft_adapter(model, pref.adapter, with_reference=not (pref.orpo or pref.precompute_ref_log_probs))
 
 
@@ -166,11 +163,11 @@ def run_preference(run: PreferenceRun) -> dict[str, Any]:
         LmtuneError: for every problem a user can cause, before training where possible.
     """
     _validate(run)
-    _check_model_flags(run.args)
+    check_model_flags(run.args)
     check_report_to(run.args.training.report_to)
-    run.args = _with_device(run.args)
-    _configure_logging(run.args.training)
-    run.args, bf16_storage = _check_cpu_bf16(run.args)
+    run.args = with_device(run.args)
+    configure_logging(run.args.training)
+    run.args, bf16_storage = check_cpu_bf16(run.args)
     model_args, ft, training, pref = run.args.model, run.args.finetune, run.args.training, run.preference
     transformers.set_seed(training.seed)
     with training.main_process_first(desc="output directory"):
@@ -214,16 +211,9 @@ def _train_and_report(run: PreferenceRun, trainer, data: PreparedPairs, checkpoi
     training = run.args.training
     metrics: dict[str, Any] = {}
     if training.do_train:
-        with stopper.installed():
-            result = trainer.train(resume_from_checkpoint=checkpoint)
-        if stopper.received is not None:
-            raise stopper.interruption(trainer.state, training.output_dir)
-        trainer.save_model()
-        train_metrics = dict(result.metrics, train_samples=len(data.train))
-        trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-        trainer.save_state()
-        metrics.update(train_metrics)
+        metrics.update(train_and_save(
+            trainer, stopper, checkpoint, lambda result: dict(result, train_samples=len(data.train)),
+        ))
     if training.do_eval:
         eval_metrics = dict(trainer.evaluate(), eval_samples=len(data.validation))
         trainer.log_metrics("eval", eval_metrics)

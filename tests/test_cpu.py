@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-import lmtune.finetuning as finetune_module
+import lmtune.run_setup as run_setup
 from lmtune.args import parse_args
 from lmtune.cli import main_clm
 from lmtune.model.upcast import UpcastLinear, upcast_compute
@@ -152,10 +152,10 @@ def _cpu_args(tmp_path, *extra):
     (SLOW_BF16, True, False), (FAST_BF16, True, True), (SLOW_BF16, False, False), (FAST_BF16, False, False),
 ])
 def test_run_keeps_bf16_only_where_it_pays(tmp_path, monkeypatch, caplog, check, requested, kept):
-    monkeypatch.setattr(finetune_module, "check_bf16", lambda measure=True: check)
+    monkeypatch.setattr(run_setup, "check_bf16", lambda measure=True: check)
     args = _cpu_args(tmp_path, *(["--bf16", "True"] if requested else []))
     with caplog.at_level(logging.WARNING, logger="lmtune"):
-        args, bf16_storage = finetune_module._check_cpu_bf16(args)
+        args, bf16_storage = run_setup.check_cpu_bf16(args)
     assert args.training.bf16 is kept
     assert bf16_storage is (requested and not kept)  # asked for bf16, computing in float32: weights stay bf16
     notice = check.notice(requested=requested)
@@ -164,7 +164,7 @@ def test_run_keeps_bf16_only_where_it_pays(tmp_path, monkeypatch, caplog, check,
 
 def test_finetune_with_bf16_on_a_cpu_without_it_trains_in_float32(tiny_llama_dir, alpaca_file, tmp_path,
                                                                   monkeypatch, caplog):
-    monkeypatch.setattr(finetune_module, "check_bf16", lambda measure=True: SLOW_BF16)
+    monkeypatch.setattr(run_setup, "check_bf16", lambda measure=True: SLOW_BF16)
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="lmtune"):
         code = main_clm(["--model_name_or_path", str(tiny_llama_dir), "--train_file", str(alpaca_file),
@@ -180,8 +180,8 @@ def test_finetune_with_bf16_on_a_cpu_without_it_trains_in_float32(tiny_llama_dir
 
 
 def test_full_finetuning_keeps_float32_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(finetune_module, "check_bf16", lambda measure=True: SLOW_BF16)
-    args, bf16_storage = finetune_module._check_cpu_bf16(_cpu_args(tmp_path, "--bf16", "True", "--full_finetune"))
+    monkeypatch.setattr(run_setup, "check_bf16", lambda measure=True: SLOW_BF16)
+    args, bf16_storage = run_setup.check_cpu_bf16(_cpu_args(tmp_path, "--bf16", "True", "--full_finetune"))
     assert args.training.bf16 is False and bf16_storage is False
 
 
@@ -268,7 +268,7 @@ def test_console_scripts_freeze_the_garbage_collector_only_after_the_command(mon
     assert events == ["command", "freeze"]
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"lmtune": "lmtune.cli:script_main", "finetune_clm": "lmtune.cli:script_clm",
-                       "finetune_seq2seq": "lmtune.cli:script_seq2seq"}
+                       "finetune_seq2seq": "lmtune.cli:script_seq2seq", "finetune_dpo": "lmtune.cli:script_dpo"}
 
 
 def test_launch_preloads_jemalloc_unless_told_or_already_given_an_allocator(tmp_path):

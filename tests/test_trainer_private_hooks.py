@@ -50,31 +50,3 @@ def test_a_missing_or_changed_hook_is_named():
     with pytest.raises(RuntimeError, match=r"Changed._save_checkpoint\('self', 'model'\); lmtune overrides it as "
                                            r"_save_checkpoint\('self', 'model', 'trial'\)"):
         check_private_hooks(Changed)
-
-
-def test_the_mixins_kept_for_trainers_built_elsewhere_still_do_their_job(tokenizer, tmp_path):
-    # A trainer built outside build_trainer (as the preference trainer is) gets the same two stock
-    # changes and atomic checkpoints from the two mixins.
-    import torch
-    from datasets import Dataset
-    from transformers import LlamaForCausalLM, TrainingArguments
-
-    from conftest import tiny_llama_config
-    from lmtune.data.collate import CausalLMCollator
-    from lmtune.model.adapters import AdapterSettings, apply_adapter
-    from lmtune.train.checkpointing import COMPLETE_MARKER, AtomicCheckpointMixin
-    from lmtune.train.trainer import StockOverridesMixin
-
-    class Elsewhere(StockOverridesMixin, AtomicCheckpointMixin, Trainer):
-        pass
-
-    torch.manual_seed(0)
-    model = apply_adapter(LlamaForCausalLM(tiny_llama_config(len(tokenizer))), AdapterSettings(peft="lora"))
-    rows = Dataset.from_dict({"input_ids": [[1, 5, 6, 7, 2]] * 4, "labels": [[-100, 5, 6, 7, 2]] * 4})
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1, save_steps=1,
-                             per_device_train_batch_size=2, hub_token="secret123", disable_tqdm=True)
-    trainer = Elsewhere(model=model, args=args, train_dataset=rows, data_collator=CausalLMCollator(3))
-    assert trainer.accelerator.ddp_handler.find_unused_parameters is False and args.ddp_find_unused_parameters is None
-    trainer.train()
-    assert (tmp_path / "checkpoint-1" / COMPLETE_MARKER).is_file()
-    assert torch.load(tmp_path / "checkpoint-1" / "training_args.bin", weights_only=False).hub_token is None

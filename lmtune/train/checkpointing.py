@@ -24,6 +24,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -190,24 +191,6 @@ def _fix_best_checkpoint_path(trainer, staged: Path, final: Path) -> None:
             state.save_to_json(str(staged / "trainer_state.json"))
 
 
-class AtomicCheckpointMixin:
-    """Atomic checkpoints for a Trainer built outside ``train/trainer.py`` that mixes this in.
-
-    Kept so that such trainers (the preference trainer of the ``dpo`` work) keep working; the
-    trainers of ``train/trainer.py`` override the two private methods in their own body instead,
-    which is the shape to move to (no mixins).
-    """
-
-    staging_run_dir: str | None = None
-
-    def _get_output_dir(self, trial) -> str:
-        return self.staging_run_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        stock_save, run_dir = super()._save_checkpoint, Path(super()._get_output_dir(trial))
-        save_checkpoint_atomically(self, run_dir, lambda: stock_save(model, trial))
-
-
 class StopOnSignal(TrainerCallback):
     """Stop at the next optimizer-step boundary after SIGINT/SIGTERM, saving a checkpoint first.
 
@@ -271,3 +254,32 @@ class StopOnSignal(TrainerCallback):
                    "Run the same command again to resume from it.")
         logger.warning(message)
         return KeyboardInterrupt(message)
+
+
+def train_and_save(
+    trainer, stopper: StopOnSignal, checkpoint: str | None,
+    train_metrics: Callable[[dict[str, float]], dict[str, Any]],
+) -> dict[str, Any]:
+    """Train (resuming from ``checkpoint``), stop cleanly on a signal, then save the model, the
+    metrics and the Trainer state the way the reference's scripts do.
+
+    Args:
+        trainer: A Trainer with ``stopper`` among its callbacks.
+        train_metrics: Turns ``train()``'s metrics into the ones reported (the command's own additions).
+
+    Returns:
+        The reported training metrics (also in ``train_results.json``).
+
+    Raises:
+        KeyboardInterrupt: a signal stopped training (after a checkpoint was saved).
+    """
+    with stopper.installed():
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.received is not None:
+        raise stopper.interruption(trainer.state, trainer.args.output_dir)
+    trainer.save_model()
+    metrics = train_metrics(result.metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics

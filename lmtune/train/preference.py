@@ -22,6 +22,7 @@ import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import torch
@@ -29,7 +30,7 @@ from peft import PeftModel
 from transformers import Trainer
 
 from lmtune.data.collate import CausalLMCollator
-from lmtune.train.checkpointing import AtomicCheckpointMixin
+from lmtune.train.checkpointing import save_checkpoint_atomically
 from lmtune.train.preference_loss import (
     Objective,
     dpo_loss,
@@ -37,7 +38,7 @@ from lmtune.train.preference_loss import (
     sequence_logps_from_hidden,
     sequence_logps_from_logits,
 )
-from lmtune.train.trainer import StockOverridesMixin, _plain_head_parts
+from lmtune.train.trainer import _plain_head_parts, check_private_hooks, secrets_left_out_of_pickles, with_ddp_choice
 
 REFERENCE_ADAPTER = "reference"
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -107,17 +108,20 @@ def _trained_adapter_only(model) -> Iterator[None]:
         del model.save_pretrained
 
 
-class PreferenceTrainer(StockOverridesMixin, AtomicCheckpointMixin, Trainer):
+class PreferenceTrainer(Trainer):
     """The stock Trainer, with a DPO or ORPO loss over batches of pairs (``PreferenceCollator``).
 
     The loss of a step is the mean over every pair of the step, on all ranks: each micro-batch
     returns its pairs' summed loss divided by the step's pair count (``_get_num_items_in_batch``),
-    so gradient accumulation and DDP train the same as one big batch.
+    so gradient accumulation and DDP train the same as one big batch. Like ``LmtuneTrainer``, every
+    override is in this one class: ``save_model`` (no hub token in ``training_args.bin``) and, private
+    (``train.trainer.PRIVATE_HOOKS``), ``_get_output_dir`` and ``_save_checkpoint`` (atomic checkpoints).
     """
 
     loss_is_scaled_for_ga = True
     objective: Objective = Objective()
     reference: Callable[[], contextlib.AbstractContextManager] | None = None
+    staging_run_dir: str | None = None
 
     def _set_signature_columns_if_needed(self) -> None:
         # The stock Trainer drops dataset columns the model's forward does not name; these feed the collator.
@@ -186,6 +190,19 @@ class PreferenceTrainer(StockOverridesMixin, AtomicCheckpointMixin, Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with secrets_left_out_of_pickles(type(self.args)):
+            super().save_model(output_dir, _internal_call)
+
+    def _get_output_dir(self, trial) -> str:
+        return self.staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        stock_save, run_dir = super()._save_checkpoint, Path(super()._get_output_dir(trial))
+        # The stock save also pushes to the hub from the checkpoint, pickling the arguments again.
+        with secrets_left_out_of_pickles(type(self.args)):
+            save_checkpoint_atomically(self, run_dir, lambda: stock_save(model, trial))
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         with _trained_adapter_only(self.model):
             super()._save(output_dir, state_dict)
@@ -223,8 +240,9 @@ def build_preference_trainer(
 
     ``reference``: see ``reference_context``; unused by ORPO.
     """
+    check_private_hooks(Trainer)
     trainer = PreferenceTrainer(
-        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        model=model, args=with_ddp_choice(training_args, model), train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=data_collator, processing_class=tokenizer, callbacks=callbacks,
     )
     trainer.objective = objective

@@ -270,7 +270,7 @@ class LmtuneSeq2SeqTrainer(Seq2SeqTrainer):
             save_checkpoint_atomically(self, run_dir, lambda: stock_save(model, trial))
 
 
-def _with_ddp_choice(args: TrainingArguments, model: torch.nn.Module) -> TrainingArguments:
+def with_ddp_choice(args: TrainingArguments, model: torch.nn.Module) -> TrainingArguments:
     """The arguments the Trainer gets: a copy with ``ddp_find_unused_parameters`` set when lmtune
     chooses it for an adapter model (the public field transformers reads), else ``args`` itself."""
     # An explicit --ddp_find_unused_parameters (True or False) is the user's; leave it.
@@ -283,27 +283,6 @@ def _with_ddp_choice(args: TrainingArguments, model: torch.nn.Module) -> Trainin
     copy = copy_module.copy(args)  # the caller's arguments stay as they were
     copy.ddp_find_unused_parameters = choice
     return copy
-
-
-class StockOverridesMixin:
-    """lmtune's two stock changes for a Trainer built outside ``build_trainer`` that mixes this in.
-
-    Kept so that such trainers (the preference trainer of the ``dpo`` work, with
-    ``AtomicCheckpointMixin`` after this) keep working; ``LmtuneTrainer`` and
-    ``LmtuneSeq2SeqTrainer`` override in their own body instead, the shape to move to.
-    """
-
-    def __init__(self, model=None, args: TrainingArguments | None = None, *pos, **kwargs) -> None:
-        super().__init__(model, args if args is None or model is None else _with_ddp_choice(args, model), *pos,
-                         **kwargs)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        with secrets_left_out_of_pickles(type(self.args)):
-            super().save_model(output_dir, _internal_call)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        with secrets_left_out_of_pickles(type(self.args)):  # the hub push inside pickles the arguments
-            super()._save_checkpoint(model, trial)
 
 
 def build_trainer(
@@ -343,7 +322,7 @@ def build_trainer(
     check_private_hooks(trainer_cls.__mro__[1])
     trainer = trainer_cls(
         model=model,
-        args=_with_ddp_choice(training_args, model),
+        args=with_ddp_choice(training_args, model),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=data_collator,
