@@ -64,6 +64,13 @@ def final_line(metrics: dict, output_dir: str) -> str:
     return f"lmtune: {', '.join(figures)}; adapter in {output_dir}"
 
 
+def _quiet_libraries() -> None:
+    """chat, eval and merge: the libraries' notices and non-terminal progress bars off, as in a training run."""
+    from lmtune.train.progress import configure_messages
+
+    configure_messages(interactive=sys.stderr.isatty())
+
+
 def _launch(argv: list[str]) -> int:
     from lmtune.launch import main as launch_main
 
@@ -94,6 +101,7 @@ def _chat(argv: list[str]) -> int:
         return 0
     from lmtune.chat.session import run_chat
 
+    _quiet_libraries()
     return run_chat(parse_chat_args(argv))
 
 
@@ -103,6 +111,7 @@ def _eval(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         build_eval_parser().print_help()
         return 0
+    _quiet_libraries()
     run_eval(parse_eval_args(argv))
     return 0
 
@@ -114,6 +123,7 @@ def _merge(argv: list[str]) -> int:
         build_merge_parser().print_help()
         return 0
     args = parse_merge_args(argv)
+    _quiet_libraries()
     out = merge_adapter(args.adapter, args.output_dir, base=args.model_name_or_path, dtype=args.dtype,
                         overwrite=args.overwrite_output_dir, trust_remote_code=args.trust_remote_code)
     print(f"lmtune merge: wrote the merged model to {out}")

@@ -64,3 +64,13 @@ def test_info_run_is_quiet_and_debug_shows_everything(tiny_llama_dir, alpaca_fil
     assert {name for name, text in NOISE.items() if text in debug} == set(NOISE)
     assert "[real_accelerator.py" not in info
     assert "INFO lmtune: adapter lora:" in info  # lmtune's own info lines stay
+
+
+@pytest.mark.slow
+def test_chat_without_a_terminal_prints_no_library_bars(tiny_llama_dir):
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run([sys.executable, "-m", "lmtune", "chat", "--model_name_or_path", str(tiny_llama_dir),
+                             "--prompt", "Hi", "--max_new_tokens", "2"], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Loading weights" not in result.stderr and "[real_accelerator.py" not in result.stdout + result.stderr
