@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import DataCollatorForSeq2Seq, HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import RenderSettings, prepare_data
@@ -108,10 +108,6 @@ class EvalArguments:
                      "humaneval_n_samples", "humaneval_max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be > 0 (got {getattr(self, name)})")
-
-
-def build_eval_parser() -> HfArgumentParser:
-    return HfArgumentParser(EvalArguments, prog="lmtune eval", allow_abbrev=False)
 
 
 def parse_eval_args(argv: list[str]) -> EvalArguments:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from transformers import HfArgumentParser
 
 from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError
@@ -44,10 +43,6 @@ class MergeArguments:
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Write into a non-empty --output_dir."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code shipped with the base."})
-
-
-def build_merge_parser() -> HfArgumentParser:
-    return HfArgumentParser(MergeArguments, prog="lmtune merge", allow_abbrev=False)
 
 
 def parse_merge_args(argv: list[str]) -> MergeArguments:
