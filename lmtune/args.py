@@ -20,7 +20,7 @@ from typing import Any, Literal
 from transformers import HfArgumentParser, PretrainedConfig, Seq2SeqTrainingArguments, TrainingArguments
 
 from lmtune.argv import expand_config, rewrite_legacy_flags, runs_on_cpu
-from lmtune.command_flags import DefaultsOnceFormatter, raise_unknown_flags
+from lmtune.command_flags import DefaultsOnceFormatter, HelpShown, raise_unknown_flags
 from lmtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -228,10 +228,6 @@ class ParsedArgs:
 SEQ2SEQ_ONLY = frozenset(f.name for f in fields(Seq2SeqTrainingArguments)) - {f.name for f in fields(TrainingArguments)}
 _UNSET = object()  # a flag's value before argparse has seen it: tells "given" from "defaulted"
 _WATCHED = SEQ2SEQ_ONLY | {"use_cpu", "greater_is_better", "lora_all_linear"}
-
-
-class HelpShown(Exception):
-    """``--help`` printed every flag; there is nothing else to do (not an error)."""
 
 
 def build_parser(

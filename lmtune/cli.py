@@ -14,6 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from lmtune.command_flags import HelpShown
 from lmtune.errors import LmtuneError
 
 EXIT_USER_ERROR = 2
@@ -25,14 +26,10 @@ def _finetune(argv: list[str], seq2seq: bool | None) -> int:
         from lmtune.data.early_check import check_json_files_early
 
         check_json_files_early(argv)  # a broken data file is named before torch loads
-    from lmtune.args import HelpShown
     from lmtune.finetuning import parse_for_model, run_finetune
     from lmtune.train.distributed import is_main_process
 
-    try:
-        args = parse_for_model(argv, seq2seq=seq2seq)
-    except HelpShown:
-        return 0
+    args = parse_for_model(argv, seq2seq=seq2seq)
     metrics = run_finetune(args)
     if "train_loss" in metrics and is_main_process():  # one line per job, not one per rank
         print(final_line(metrics, args.training.output_dir))
@@ -40,14 +37,10 @@ def _finetune(argv: list[str], seq2seq: bool | None) -> int:
 
 
 def _dpo(argv: list[str]) -> int:
-    from lmtune.args import HelpShown
     from lmtune.preference import parse_preference, run_preference
     from lmtune.train.distributed import is_main_process
 
-    try:
-        run = parse_preference(argv)
-    except HelpShown:
-        return 0
+    run = parse_preference(argv)
     metrics = run_preference(run)
     if "train_loss" in metrics and is_main_process():
         print(final_line(metrics, run.args.training.output_dir))
@@ -94,11 +87,8 @@ def _quickstart(argv: list[str]) -> int:
 
 
 def _chat(argv: list[str]) -> int:
-    from lmtune.chat.args import build_chat_parser, parse_chat_args
+    from lmtune.chat.args import parse_chat_args
 
-    if any(a in ("-h", "--help") for a in argv):
-        build_chat_parser().print_help()
-        return 0
     from lmtune.chat.session import run_chat
 
     _quiet_libraries()
@@ -106,22 +96,16 @@ def _chat(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from lmtune.evaluate.command import build_eval_parser, parse_eval_args, run_eval
+    from lmtune.evaluate.command import parse_eval_args, run_eval
 
-    if any(a in ("-h", "--help") for a in argv):
-        build_eval_parser().print_help()
-        return 0
     _quiet_libraries()
     run_eval(parse_eval_args(argv))
     return 0
 
 
 def _merge(argv: list[str]) -> int:
-    from lmtune.export.merge import build_merge_parser, merge_adapter, parse_merge_args
+    from lmtune.export.merge import merge_adapter, parse_merge_args
 
-    if any(a in ("-h", "--help") for a in argv):
-        build_merge_parser().print_help()
-        return 0
     args = parse_merge_args(argv)
     _quiet_libraries()
     out = merge_adapter(args.adapter, args.output_dir, base=args.model_name_or_path, dtype=args.dtype,
@@ -131,11 +115,8 @@ def _merge(argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
-    from lmtune.serve.args import build_serve_parser, parse_serve_args
+    from lmtune.serve.args import parse_serve_args
 
-    if any(a in ("-h", "--help") for a in argv):
-        build_serve_parser().print_help()
-        return 0
     from lmtune.serve.server import run_serve
 
     return run_serve(parse_serve_args(argv))
@@ -183,15 +164,11 @@ def _export(argv: list[str]) -> int:
         print(f"usage: lmtune export FORMAT [FLAGS]\n\nformats:\n{listing}")
         return 0 if argv else EXIT_USER_ERROR
     from lmtune.export.gguf import (
-        build_export_gguf_parser,
         export_gguf,
         parse_export_gguf_args,
     )
     from lmtune.export.modelfile import modelfile_path
 
-    if any(a in ("-h", "--help") for a in argv[1:]):
-        build_export_gguf_parser().print_help()
-        return 0
     args = parse_export_gguf_args(argv[1:])
     out = export_gguf(args.output, base=args.model_name_or_path, adapter=args.adapter, dtype=args.dtype,
                       overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, modelfile=args.modelfile)
@@ -243,6 +220,8 @@ def _usage() -> str:
 def _run(command: Callable[[], int]) -> int:
     try:
         return command()
+    except HelpShown:  # the command's parse printed every flag
+        return 0
     except LmtuneError as err:
         print(f"lmtune: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -303,7 +282,7 @@ def main_seq2seq(argv: list[str] | None = None) -> int:
 
 def main_dpo(argv: list[str] | None = None) -> int:
     """``finetune_dpo``: the reference's ``dpo_clm.py``."""
-    logging.basicConfig(format="%(levelname)s lmtune: %(message)s", level=logging.INFO)
+    _set_up_console_process()
     return _run(lambda: _dpo(list(sys.argv[1:] if argv is None else argv)))
 
 

@@ -17,6 +17,10 @@ from transformers import HfArgumentParser
 from lmtune.errors import ConfigError
 
 
+class HelpShown(Exception):
+    """``--help`` printed every flag; there is nothing else to do (not an error)."""
+
+
 class DefaultsOnceFormatter(argparse.HelpFormatter):
     """``(default: X)`` after a flag's help, unless the help already says its default or there is none."""
 
@@ -56,12 +60,15 @@ def parse_command_flags(dataclass_type: type, argv: list[str], prog: str) -> Any
     """Parse the flags of one subcommand (``lmtune chat``, ``eval``, ``merge``) into its dataclass.
 
     Raises:
+        HelpShown: ``--help`` was given (the help is printed).
         ConfigError: for unknown flags (with a did-you-mean) or bad values.
     """
     parser = HfArgumentParser(dataclass_type, prog=prog, allow_abbrev=False, formatter_class=DefaultsOnceFormatter)
     try:
         parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except SystemExit as exc:  # argparse exits on bad values; a library must raise instead
+    except SystemExit as exc:  # argparse exits on --help and on bad values; a library must not
+        if exc.code in (0, None):
+            raise HelpShown() from None
         raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
     if remaining:
         raise_unknown_flags(parser, remaining)

@@ -11,9 +11,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from transformers import HfArgumentParser
 
-from lmtune.command_flags import DefaultsOnceFormatter, parse_command_flags
+from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError
 from lmtune.model.base_model import resolve_base_model
 
@@ -77,11 +76,6 @@ class ChatArguments:
             raise ConfigError(f"--top_p must be in (0, 1] (got {self.top_p})")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens <= 0:
             raise ConfigError(f"--max_prompt_tokens must be > 0 (got {self.max_prompt_tokens})")
-
-
-def build_chat_parser() -> HfArgumentParser:
-    return HfArgumentParser(ChatArguments, prog="lmtune chat", allow_abbrev=False,
-                            formatter_class=DefaultsOnceFormatter)
 
 
 def parse_chat_args(argv: list[str]) -> ChatArguments:

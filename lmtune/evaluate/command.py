@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import DataCollatorForSeq2Seq, HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmtune.progress_lines import tracked
 from lmtune.data.collate import CausalLMCollator
 from lmtune.data.prepare import RenderSettings, prepare_data
 from lmtune.data.render import IGNORE_INDEX
 from lmtune.data.sources import load_splits
-from lmtune.command_flags import DefaultsOnceFormatter, parse_command_flags
+from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError
 from lmtune.evaluate.perplexity import perplexity_from_loss
 from lmtune.evaluate.tasks import (
@@ -109,11 +109,6 @@ class EvalArguments:
                      "humaneval_n_samples", "humaneval_max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be > 0 (got {getattr(self, name)})")
-
-
-def build_eval_parser() -> HfArgumentParser:
-    return HfArgumentParser(EvalArguments, prog="lmtune eval", allow_abbrev=False,
-                            formatter_class=DefaultsOnceFormatter)
 
 
 def parse_eval_args(argv: list[str]) -> EvalArguments:

@@ -41,7 +41,7 @@ from gguf import (
     quantize,
 )
 from safetensors import safe_open
-from transformers import AutoConfig, HfArgumentParser, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError, UnsupportedError
@@ -77,10 +77,6 @@ class ExportGgufArguments:
         default=True, metadata={"help": "Also write an Ollama Modelfile beside the file (FILE.Modelfile)."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code shipped with the base."})
-
-
-def build_export_gguf_parser() -> HfArgumentParser:
-    return HfArgumentParser(ExportGgufArguments, prog="lmtune export gguf", allow_abbrev=False)
 
 
 def parse_export_gguf_args(argv: list[str]) -> ExportGgufArguments:

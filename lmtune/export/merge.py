@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from transformers import HfArgumentParser
 
-from lmtune.command_flags import DefaultsOnceFormatter, parse_command_flags
+from lmtune.command_flags import parse_command_flags
 from lmtune.errors import ConfigError
 from lmtune.export.model_card import write_merged_model_card
 from lmtune.model.base_model import resolve_base_model
@@ -45,11 +44,6 @@ class MergeArguments:
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Write into a non-empty --output_dir."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code shipped with the base."})
-
-
-def build_merge_parser() -> HfArgumentParser:
-    return HfArgumentParser(MergeArguments, prog="lmtune merge", allow_abbrev=False,
-                            formatter_class=DefaultsOnceFormatter)
 
 
 def parse_merge_args(argv: list[str]) -> MergeArguments:

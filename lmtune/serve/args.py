@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from transformers import HfArgumentParser
 
 from lmtune.argv import config_to_argv
 from lmtune.command_flags import parse_command_flags, unknown_name_problem
@@ -77,10 +76,6 @@ class ServeArguments:
             raise ConfigError(f"--max_prompt_tokens must be > 0 (got {self.max_prompt_tokens})")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535 (got {self.port})")
-
-
-def build_serve_parser() -> HfArgumentParser:
-    return HfArgumentParser(ServeArguments, prog="lmtune serve", allow_abbrev=False)
 
 
 def adapter_dirs(specs: list[str]) -> dict[str, str]:
