@@ -241,7 +241,9 @@ def test_lmtune_eval_scores_mbpp_on_a_model_and_its_reference_solutions(tiny_lla
     harness = tmp_path / "harness"
     assert main(["eval", "--task", "mbpp", "--mbpp_file", mbpp, "--reference_solutions", "--max_eval_samples", "5",
                  "--output_dir", str(harness)]) == 0
-    assert json.loads((harness / "eval_results.json").read_text()) == {"mbpp_pass@1": 1.0, "mbpp_problems": 5}
+    results = json.loads((harness / "eval_results.json").read_text())
+    assert results.pop("evaluated")["data"] == {"mbpp_file": str(Path(mbpp).resolve())}
+    assert results == {"mbpp_pass@1": 1.0, "mbpp_problems": 5}
     assert main(["eval", "--task", "mbpp", "--output_dir", str(harness), "--model_name_or_path", "m"]) == 2
 
 

@@ -241,7 +241,7 @@ def evaluated_inputs(args: EvalArguments) -> dict[str, Any]:
     """What the numbers are of: the model, the adapter and the data, recorded beside them."""
     data = {"validation_file": args.validation_file, "dataset_name": args.dataset_name,
             "dataset_config_name": args.dataset_config_name, "validation_split": args.validation_split,
-            "humaneval_file": args.humaneval_file, "truthfulqa_file": args.truthfulqa_file,
+            "humaneval_file": args.humaneval_file, "mbpp_file": args.mbpp_file, "truthfulqa_file": args.truthfulqa_file,
             "lm_eval_tasks": args.lm_eval_tasks if args.task in ("truthfulqa", "lm-eval") else None}
     return {
         "task": args.task, "model": absolute_model_path(args.model_name_or_path),
