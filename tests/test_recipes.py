@@ -185,8 +185,9 @@ def test_tiny_cpu_demo_recipe_end_to_end(demo_model_dir, tmp_path):
     for name in ("adapter_model.safetensors", "README.md", "loss_curve.png", "lmtune_args.json",
                  "all_results.json"):
         assert (out / name).is_file(), name
-    assert "lmtune chat --model_name_or_path lmtune-demo-model --adapter lmtune-demo-out" in (
-        out / "README.md").read_text()
+    # A local base is recorded by its absolute path, so the card's command works from any directory.
+    base = Path(demo_model_dir).resolve()
+    assert f"lmtune chat --model_name_or_path {base} --adapter lmtune-demo-out" in (out / "README.md").read_text()
     # Not a terminal: plain progress lines, no tqdm bars, no library noise.
     steps = re.findall(r"INFO lmtune: (step \d/3) \(", done.stderr)
     assert steps == ["step 1/3", "step 2/3", "step 3/3"]
