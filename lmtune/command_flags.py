@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import HfArgumentParser
+if TYPE_CHECKING:  # imported where it parses: `lmtune.cli` imports this module before torch and transformers load
+    from transformers import HfArgumentParser
 
 from lmtune.errors import ConfigError
 
@@ -63,6 +64,8 @@ def parse_command_flags(dataclass_type: type, argv: list[str], prog: str) -> Any
         HelpShown: ``--help`` was given (the help is printed).
         ConfigError: for unknown flags (with a did-you-mean) or bad values.
     """
+    from transformers import HfArgumentParser
+
     parser = HfArgumentParser(dataclass_type, prog=prog, allow_abbrev=False, formatter_class=DefaultsOnceFormatter)
     try:
         parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
