@@ -20,7 +20,7 @@ from typing import Any, Literal
 from transformers import HfArgumentParser, PretrainedConfig, Seq2SeqTrainingArguments, TrainingArguments
 
 from lmtune.argv import expand_config, rewrite_legacy_flags, runs_on_cpu
-from lmtune.command_flags import DefaultsOnceFormatter, HelpShown, raise_unknown_flags
+from lmtune.command_flags import DefaultsOnceFormatter, checked_parse
 from lmtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -295,15 +295,7 @@ def parse_flags(
     parser = parser or build_parser()
     watched = _WATCHED & {action.dest for action in parser._actions}
     namespace = argparse.Namespace(**dict.fromkeys(watched, _UNSET))
-    try:
-        namespace, remaining = parser.parse_known_args(argv, namespace=namespace)
-    except SystemExit as exc:  # argparse exits on --help and on bad values; a library must not
-        if exc.code in (0, None):
-            raise HelpShown() from None
-        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
-    if remaining:
-        raise_unknown_flags(parser, remaining)
-    values = vars(namespace)
+    values = vars(checked_parse(parser, argv, namespace))
     given = frozenset(name for name in watched if values[name] is not _UNSET)
     for name in watched - given:
         values[name] = parser.get_default(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported where it parses: `lmtune.cli` imports this module before torch and transformers load
@@ -57,6 +58,26 @@ def raise_unknown_flags(parser: HfArgumentParser, remaining: list[str]) -> None:
     raise ConfigError("; ".join(problems) + ". Run with --help for every flag.")
 
 
+def checked_parse(parser: HfArgumentParser, argv: list[str],
+                  namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+    """``parser.parse_known_args`` as a library must: ``--help`` raises ``HelpShown``, a bad value a
+    ``ConfigError`` (argparse would exit), and leftover flags one ``ConfigError`` with did-you-means.
+
+    Raises:
+        HelpShown: ``--help`` was given (the help is printed).
+        ConfigError: for unknown flags or bad values.
+    """
+    try:
+        namespace, remaining = parser.parse_known_args(argv, namespace=namespace)
+    except SystemExit as exc:  # argparse exits on --help and on bad values; a library must not
+        if exc.code in (0, None):
+            raise HelpShown() from None
+        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
+    if remaining:
+        raise_unknown_flags(parser, remaining)
+    return namespace
+
+
 def parse_command_flags(dataclass_type: type, argv: list[str], prog: str) -> Any:
     """Parse the flags of one subcommand (``lmtune chat``, ``eval``, ``merge``) into its dataclass.
 
@@ -67,12 +88,5 @@ def parse_command_flags(dataclass_type: type, argv: list[str], prog: str) -> Any
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_type, prog=prog, allow_abbrev=False, formatter_class=DefaultsOnceFormatter)
-    try:
-        parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except SystemExit as exc:  # argparse exits on --help and on bad values; a library must not
-        if exc.code in (0, None):
-            raise HelpShown() from None
-        raise ConfigError(f"invalid arguments {' '.join(argv)} (see the message above).") from exc
-    if remaining:
-        raise_unknown_flags(parser, remaining)
-    return parsed
+    values = vars(checked_parse(parser, argv))
+    return dataclass_type(**{f.name: values[f.name] for f in fields(dataclass_type) if f.init})
