@@ -83,7 +83,7 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The head matmul's dtype: autocast's when it is on (as for the stock lm_head), else promoted."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -108,7 +108,7 @@ def causal_lm_loss_sum(
     """
     targets = shifted_targets(labels).reshape(-1)
     keep = targets != IGNORE_INDEX
-    dtype = _compute_dtype(hidden, weight)
+    dtype = compute_dtype(hidden, weight)
     selected = hidden.reshape(-1, hidden.shape[-1])[keep].to(dtype)
     total = _LinearCrossEntropySum.apply(
         selected, weight.to(dtype), targets[keep], rows or chunk_rows(weight.shape[0])

@@ -16,21 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lmtune.train.loss import CHUNK_ELEMENTS, chunk_rows, shifted_targets
+from lmtune.train.loss import CHUNK_ELEMENTS, chunk_rows, compute_dtype, shifted_targets
 from lmtune.data.render import IGNORE_INDEX
 
 
 def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = (hidden @ weight.T).float()
     return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The head's matmul dtype: autocast's when it is on (as for the stock lm_head), else promoted."""
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def sequence_logps_from_hidden(
@@ -50,7 +42,7 @@ def sequence_logps_from_hidden(
     targets = shifted_targets(labels)
     keep = targets != IGNORE_INDEX
     owner = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[keep]
-    dtype = _compute_dtype(hidden, weight)
+    dtype = compute_dtype(hidden, weight)
     selected, weight, wanted = hidden[keep].to(dtype), weight.to(dtype), targets[keep]
     rows = rows or chunk_rows(weight.shape[0], CHUNK_ELEMENTS)
     pieces = []
