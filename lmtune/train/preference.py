@@ -22,7 +22,6 @@ import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 import torch
@@ -30,7 +29,6 @@ from peft import PeftModel
 from transformers import Trainer
 
 from lmtune.data.collate import CausalLMCollator
-from lmtune.train.checkpointing import save_checkpoint_atomically
 from lmtune.train.preference_loss import (
     Objective,
     dpo_loss,
@@ -38,7 +36,7 @@ from lmtune.train.preference_loss import (
     sequence_logps_from_hidden,
     sequence_logps_from_logits,
 )
-from lmtune.train.trainer import _plain_head_parts, check_private_hooks, secrets_left_out_of_pickles, with_ddp_choice
+from lmtune.train.trainer import LmtuneTrainer, _plain_head_parts, check_private_hooks, with_ddp_choice
 
 REFERENCE_ADAPTER = "reference"
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -108,20 +106,20 @@ def _trained_adapter_only(model) -> Iterator[None]:
         del model.save_pretrained
 
 
-class PreferenceTrainer(Trainer):
-    """The stock Trainer, with a DPO or ORPO loss over batches of pairs (``PreferenceCollator``).
+class PreferenceTrainer(LmtuneTrainer):
+    """lmtune's Trainer with a DPO or ORPO loss over batches of pairs (``PreferenceCollator``).
 
     The loss of a step is the mean over every pair of the step, on all ranks: each micro-batch
     returns its pairs' summed loss divided by the step's pair count (``_get_num_items_in_batch``),
-    so gradient accumulation and DDP train the same as one big batch. Like ``LmtuneTrainer``, every
-    override is in this one class: ``save_model`` (no hub token in ``training_args.bin``) and, private
-    (``train.trainer.PRIVATE_HOOKS``), ``_get_output_dir`` and ``_save_checkpoint`` (atomic checkpoints).
+    so gradient accumulation and DDP train the same as one big batch. Saving and checkpoints are
+    ``LmtuneTrainer``'s (no hub token in ``training_args.bin``, atomic checkpoints); no ``eval_ppl``,
+    since the exponential of a preference loss is not a perplexity.
     """
 
     loss_is_scaled_for_ga = True
+    report_perplexity = False
     objective: Objective = Objective()
     reference: Callable[[], contextlib.AbstractContextManager] | None = None
-    staging_run_dir: str | None = None
 
     def _set_signature_columns_if_needed(self) -> None:
         # The stock Trainer drops dataset columns the model's forward does not name; these feed the collator.
@@ -189,19 +187,6 @@ class PreferenceTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        with secrets_left_out_of_pickles(type(self.args)):
-            super().save_model(output_dir, _internal_call)
-
-    def _get_output_dir(self, trial) -> str:
-        return self.staging_run_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        stock_save, run_dir = super()._save_checkpoint, Path(super()._get_output_dir(trial))
-        # The stock save also pushes to the hub from the checkpoint, pickling the arguments again.
-        with secrets_left_out_of_pickles(type(self.args)):
-            save_checkpoint_atomically(self, run_dir, lambda: stock_save(model, trial))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         with _trained_adapter_only(self.model):

@@ -1,16 +1,16 @@
 """Build the stock transformers Trainer for a run.
 
-One subclass per model kind (``LmtuneTrainer`` for causal LMs, ``LmtuneSeq2SeqTrainer``),
-each with all its overrides in its own body, adds what the stock Trainer lacks: ``eval_ppl``
-next to every ``eval_loss`` it logs (the reference monkeypatched ``Trainer.evaluate`` globally
-for that), the task's metric at every evaluation during training (``train/eval_metrics.py``),
+One subclass, ``LmtuneTrainer``, with every override in its body, adds what the stock Trainer
+lacks (``LmtuneSeq2SeqTrainer`` and the preference Trainer build on it): ``eval_ppl`` next to
+every ``eval_loss`` it logs (the reference monkeypatched ``Trainer.evaluate`` globally for
+that), the task's metric at every evaluation during training (``train/eval_metrics.py``),
 checkpoints written atomically (``train/checkpointing.py``), and (causal LMs) a training loss
-that never materializes the batch's full logits (``train/loss.py``). The behaviour lives in
-functions both call. Two stock choices change: DDP does not search for unused parameters in
-adapter runs (every adapter parameter is used each step; set through the public
-``ddp_find_unused_parameters`` of a copy of the arguments), and ``training_args.bin`` is
-written without the hub token. Private methods are overridden only where no public hook
-exists (``PRIVATE_HOOKS``), and checked when a Trainer is built.
+that never materializes the batch's full logits (``train/loss.py``). Two stock choices
+change: DDP does not search for unused parameters in adapter runs (every adapter parameter is
+used each step; set through the public ``ddp_find_unused_parameters`` of a copy of the
+arguments), and ``training_args.bin`` is written without the hub token. Private methods are
+overridden only where no public hook exists (``PRIVATE_HOOKS``), and checked when a Trainer
+is built.
 """
 
 from __future__ import annotations
@@ -239,35 +239,13 @@ class LmtuneTrainer(Trainer):
             save_checkpoint_atomically(self, run_dir, lambda: stock_save(model, trial))
 
 
-class LmtuneSeq2SeqTrainer(Seq2SeqTrainer):
-    """The stock Seq2SeqTrainer with the overrides of ``LmtuneTrainer`` but the loss (see there)."""
+class LmtuneSeq2SeqTrainer(Seq2SeqTrainer, LmtuneTrainer):
+    """``Seq2SeqTrainer`` (generation in evaluation and prediction) with ``LmtuneTrainer``'s overrides.
 
-    report_perplexity: bool = True
-    task_metrics: TaskMetricsCallback | None = None
-    staging_run_dir: str | None = None
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self.report_perplexity:
-            add_eval_perplexity(logs)
-        super().log(logs, *args, **kwargs)
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                         metric_key_prefix)
-        return add_task_metrics(self, output, metric_key_prefix)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        with secrets_left_out_of_pickles(type(self.args)):
-            super().save_model(output_dir, _internal_call)
-
-    def _get_output_dir(self, trial) -> str:
-        return self.staging_run_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        stock_save, run_dir = super()._save_checkpoint, Path(super()._get_output_dir(trial))
-        with secrets_left_out_of_pickles(type(self.args)):
-            save_checkpoint_atomically(self, run_dir, lambda: stock_save(model, trial))
+    ``Seq2SeqTrainer`` overrides none of the methods ``LmtuneTrainer`` does, so each call reaches
+    ``LmtuneTrainer`` through the method order and then the stock ``Trainer``; ``compute_loss``
+    takes the stock path, since an encoder-decoder has no plain causal head (``_plain_head_parts``).
+    """
 
 
 def with_ddp_choice(args: TrainingArguments, model: torch.nn.Module) -> TrainingArguments:
@@ -318,8 +296,8 @@ def build_trainer(
     Returns:
         The Trainer, ready for ``train()`` / ``evaluate()``.
     """
+    check_private_hooks(Trainer)
     trainer_cls = LmtuneSeq2SeqTrainer if seq2seq else LmtuneTrainer
-    check_private_hooks(trainer_cls.__mro__[1])
     trainer = trainer_cls(
         model=model,
         args=with_ddp_choice(training_args, model),
