@@ -16,16 +16,16 @@ name lm-eval 0.4 lacks, no tokenizer). We reproduce lm-eval 0.4's HF backend:
 """
 
 import json
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmtune.progress_lines import tracked
 from lmtune.errors import ConfigError, DataFormatError, UnsupportedError
+from lmtune.evaluate.batched_scoring import EncodedPair, scores_in_batches
 
 # lm-eval's truthfulqa_mc1/mc2 doc_to_text prefix (lm_eval/tasks/truthfulqa/truthfulqa_mc1.yaml),
 # itself the QA primer of the TruthfulQA paper.
@@ -125,7 +125,7 @@ def load_truthfulqa_mc(path: str | Path) -> list[MCQuestion]:
 
 def encode_pair(
     tokenizer: PreTrainedTokenizerBase, context: str, continuation: str, *, add_special_tokens: bool = False
-) -> tuple[list[int], list[int]]:
+) -> EncodedPair:
     """Tokenize a context and its continuation with an exact token boundary.
 
     Args:
@@ -173,7 +173,7 @@ def _max_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> i
 
 
 def _score_batch(
-    model: PreTrainedModel, pairs: list[tuple[list[int], list[int]]], pad_id: int, max_length: int
+    model: PreTrainedModel, pairs: list[EncodedPair], pad_id: int, max_length: int
 ) -> list[float]:
     """Summed continuation log-probabilities for one right-padded batch."""
     inputs = [(ctx + cont)[-(max_length + 1) :][:-1] for ctx, cont in pairs]
@@ -223,36 +223,27 @@ def loglikelihoods(
         UnsupportedError: If the model is an encoder-decoder.
         DataFormatError: If a continuation is empty or longer than the model's context.
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
     if getattr(model.config, "is_encoder_decoder", False):
         raise UnsupportedError(
             "multiple-choice log-likelihood scoring supports causal LMs only; "
             f"{type(model).__name__} is an encoder-decoder model"
         )
     max_length = _max_length(model, tokenizer)
-    unique = list(dict.fromkeys(requests))
-    encoded = [encode_pair(tokenizer, ctx, cont, add_special_tokens=add_special_tokens) for ctx, cont in unique]
-    for (_, cont_text), (_, cont) in zip(unique, encoded, strict=True):
-        if len(cont) > max_length:
+
+    def encode(context: str, continuation: str) -> EncodedPair:
+        pair = encode_pair(tokenizer, context, continuation, add_special_tokens=add_special_tokens)
+        if len(pair[1]) > max_length:
             raise DataFormatError(
-                f"continuation {cont_text!r:.60} is {len(cont)} tokens, longer than the model's "
+                f"continuation {continuation!r:.60} is {len(pair[1])} tokens, longer than the model's "
                 f"context of {max_length}; it cannot be scored"
             )
-    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+        return pair
+
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores: dict[tuple[str, str], float] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in tracked(range(0, len(order), batch_size), -(-len(order) // batch_size), "scoring answers"):
-                chunk = order[start : start + batch_size]
-                batch_scores = _score_batch(model, [encoded[i] for i in chunk], pad_id, max_length)
-                scores.update((unique[i], score) for i, score in zip(chunk, batch_scores, strict=True))
-    finally:
-        model.train(was_training)
-    return [scores[request] for request in requests]
+    return scores_in_batches(
+        model, requests, encode, lambda pairs: _score_batch(model, pairs, pad_id, max_length),
+        batch_size=batch_size, length=lambda pair: len(pair[0]) + len(pair[1]),
+    )
 
 
 def score_multiple_choice(

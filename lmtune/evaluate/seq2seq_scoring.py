@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmtune.progress_lines import tracked
 from lmtune.errors import ConfigError, DataFormatError
+from lmtune.evaluate.batched_scoring import EncodedPair, scores_in_batches
 from lmtune.evaluate.multiple_choice import MCQuestion, truthfulqa_scores
 
 
 def encode_seq2seq_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
-                        ) -> tuple[list[int], list[int]]:
+                        ) -> EncodedPair:
     """Encoder ids of the context and label ids of the continuation, split as lm-eval splits them.
 
     Raises:
@@ -38,7 +38,7 @@ def encode_seq2seq_pair(tokenizer: PreTrainedTokenizerBase, context: str, contin
     return context_ids, continuation_ids
 
 
-def _score_batch(model: PreTrainedModel, pairs: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
+def _score_batch(model: PreTrainedModel, pairs: list[EncodedPair], pad_id: int) -> list[float]:
     width = max(len(ctx) for ctx, _ in pairs)
     label_width = max(len(cont) for _, cont in pairs)
     input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
@@ -69,26 +69,13 @@ def seq2seq_loglikelihoods(
         ConfigError: if ``batch_size`` < 1 or the model is not an encoder-decoder.
         DataFormatError: if a continuation is empty.
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
     if not getattr(model.config, "is_encoder_decoder", False):
         raise ConfigError(f"{type(model).__name__} is not an encoder-decoder model; use multiple_choice.loglikelihoods")
-    unique = list(dict.fromkeys(requests))
-    encoded = [encode_seq2seq_pair(tokenizer, ctx, cont) for ctx, cont in unique]
-    order = sorted(range(len(unique)), key=lambda i: -len(encoded[i][0]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores: dict[tuple[str, str], float] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in tracked(range(0, len(order), batch_size), -(-len(order) // batch_size), "scoring answers"):
-                chunk = order[start : start + batch_size]
-                values = _score_batch(model, [encoded[i] for i in chunk], pad_id)
-                scores.update((unique[i], value) for i, value in zip(chunk, values, strict=True))
-    finally:
-        model.train(was_training)
-    return [scores[request] for request in requests]
+    return scores_in_batches(
+        model, requests, lambda context, continuation: encode_seq2seq_pair(tokenizer, context, continuation),
+        lambda pairs: _score_batch(model, pairs, pad_id), batch_size=batch_size, length=lambda pair: len(pair[0]),
+    )
 
 
 def score_truthfulqa_seq2seq(
