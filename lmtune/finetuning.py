@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Seq2SeqTrainingArguments
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Seq2SeqTrainingArguments, Trainer
 
 from lmtune.args import ParsedArgs, args_to_dict, build_args
 from lmtune.argv import config_to_argv
@@ -34,7 +34,6 @@ from lmtune.model.load import (
 )
 from lmtune.model.base_model import absolute_model_path
 from lmtune.model.context import fit_to_context
-from lmtune.model.upcast import upcast_compute
 from lmtune.train.distributed import fsdp_notice
 from lmtune.train.checkpointing import StopOnSignal, train_and_save
 from lmtune.run_record import write_run_args
@@ -186,6 +185,28 @@ def _evaluation_callbacks(args: ParsedArgs, data: PreparedData, *, generated_rou
                                 threshold=ft.early_stopping_threshold)
 
 
+def _trainer_for_run(args: ParsedArgs, config, tokenizer, data: PreparedData, *, seq2seq: bool,
+                     bf16_storage: bool, phases: StartupPhases) -> tuple[Trainer, StopOnSignal]:
+    """The model with its adapter, and the Trainer around it with lmtune's callbacks and progress lines."""
+    training = args.training
+    model, block_mask_dtype = _build_model(args, config, tokenizer, bf16_storage=bf16_storage)
+    phases.mark("model load + packing probe + adapter")
+    collator = _collator(args, tokenizer, seq2seq=seq2seq, block_mask_dtype=block_mask_dtype)
+    stopper = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
+    seq2seq_trainer = seq2seq and isinstance(training, Seq2SeqTrainingArguments)
+    rouge_metrics = (generated_rouge_metrics(task_eval_settings(args), training, model, tokenizer)
+                     if seq2seq_trainer else None)
+    task_metrics, evaluation = _evaluation_callbacks(args, data, generated_rouge=rouge_metrics is not None)
+    trainer = build_trainer(
+        model, tokenizer, training, train_dataset=data.train, eval_dataset=data.validation,
+        data_collator=collator, eval_ppl=args.finetune.eval_ppl,
+        callbacks=[stopper, StartupReport(phases), *evaluation], seq2seq=seq2seq_trainer, compute_metrics=rouge_metrics, task_metrics=task_metrics,
+    )
+    install_progress(trainer)
+    transformers.utils.logging.set_verbosity(transformers_log_level(training))  # Trainer() set its own
+    return trainer, stopper
+
+
 def run_finetune(args: ParsedArgs) -> dict[str, Any]:
     """Run one fine-tuning job as the arguments describe.
 
@@ -241,21 +262,8 @@ def run_finetune(args: ParsedArgs) -> dict[str, Any]:
         if ft.overwrite_output_dir and checkpoint is None:
             clear_earlier_run(training.output_dir)
         write_run_args(training.output_dir, args_to_dict(args))
-    model, block_mask_dtype = _build_model(args, config, tokenizer, bf16_storage=bf16_storage)
-    phases.mark("model load + packing probe + adapter")
-    collator = _collator(args, tokenizer, seq2seq=seq2seq, block_mask_dtype=block_mask_dtype)
-    stopper = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
-    seq2seq_trainer = seq2seq and isinstance(training, Seq2SeqTrainingArguments)
-    rouge_metrics = (generated_rouge_metrics(task_eval_settings(args), training, model, tokenizer)
-                     if seq2seq_trainer else None)
-    task_metrics, evaluation = _evaluation_callbacks(args, data, generated_rouge=rouge_metrics is not None)
-    trainer = build_trainer(
-        model, tokenizer, training, train_dataset=data.train, eval_dataset=data.validation,
-        data_collator=collator, eval_ppl=ft.eval_ppl, callbacks=[stopper, StartupReport(phases), *evaluation],
-        seq2seq=seq2seq_trainer, compute_metrics=rouge_metrics, task_metrics=task_metrics,
-    )
-    install_progress(trainer)
-    transformers.utils.logging.set_verbosity(transformers_log_level(training))  # Trainer() set its own
+    trainer, stopper = _trainer_for_run(args, config, tokenizer, data, seq2seq=seq2seq,
+                                        bf16_storage=bf16_storage, phases=phases)
     metrics: dict[str, Any] = {}
     if training.do_train:
         metrics.update(train_and_save(

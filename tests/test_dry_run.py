@@ -14,7 +14,7 @@ from lmtune.cli import main
 from lmtune.data.formats import alpaca_prompt
 from lmtune.data.render import IGNORE_INDEX, RenderStats
 from lmtune.data.report import build_data_report, estimate_steps, format_data_report, mark_supervised
-from lmtune.errors import ConfigError, DataFormatError
+from lmtune.errors import DataFormatError
 from lmtune.finetuning import finetune
 
 

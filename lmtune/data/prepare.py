@@ -136,6 +136,18 @@ def _head(dataset: datasets.Dataset | datasets.IterableDataset, limit: int | Non
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
+def _render_split(
+    split: str, records: datasets.Dataset, source: str, task: str, renderer: Renderer,
+    tokenizer: PreTrainedTokenizerBase, settings: RenderSettings, mapping: MapSettings,
+) -> tuple[datasets.Dataset, datasets.Dataset, RenderStats]:
+    """(records kept, rendered samples, statistics) of one split; empty records dropped first."""
+    kept = drop_empty_records(records, task=task, source=source, strict=settings.strict_records)
+    rendered, stats = render_dataset(kept, renderer(kept, source, tokenizer, settings), tokenizer, mapping,
+                                     description=f"tokenizing {split}")
+    _report(split, source, stats)
+    return kept, rendered, stats
+
+
 def prepare_data(
     tokenizer: PreTrainedTokenizerBase,
     *,
@@ -200,24 +212,17 @@ def prepare_data(
     mapping = MapSettings(num_proc=preprocessing_num_workers, cache_dir=dataset_cache_directory,
                           overwrite_cache=overwrite_cache, keep_in_memory=keep_in_memory, cacheable=not streaming)
     if need_train and "train" in splits:
-        raw = drop_empty_records(_head(splits["train"], max_train_samples), task=task, source=source,
-                                 strict=settings.strict_records)
-        prepared.train, prepared.stats["train"] = render_dataset(
-            raw, renderer(raw, source, tokenizer, settings), tokenizer, mapping, description="tokenizing train"
+        _, prepared.train, prepared.stats["train"] = _render_split(
+            "train", _head(splits["train"], max_train_samples), source, task, renderer, tokenizer, settings, mapping
         )
-        _report("train", source, prepared.stats["train"])
         if dataset_concatenation:
             # Best-fit packing looks at every sample length at once, so it runs here on lists, not in a map.
             samples, prepared.packing = pack_examples(prepared.train.to_dict(), settings.max_seq_length)
             logger.info("train: %s.", prepared.packing.describe())
             prepared.train = datasets.Dataset.from_dict(samples)
     if need_validation:
-        raw = drop_empty_records(_head(splits["validation"], max_eval_samples), task=task,
-                                 source=validation_file or source, strict=settings.strict_records)
-        prepared.validation, prepared.stats["validation"] = render_dataset(
-            raw, renderer(raw, validation_file or source, tokenizer, settings), tokenizer, mapping,
-            description="tokenizing validation",
+        prepared.raw_validation, prepared.validation, prepared.stats["validation"] = _render_split(
+            "validation", _head(splits["validation"], max_eval_samples), validation_file or source,
+            task, renderer, tokenizer, settings, mapping,
         )
-        _report("validation", validation_file or source, prepared.stats["validation"])
-        prepared.raw_validation = raw
     return prepared

@@ -39,7 +39,7 @@ from peft.utils.constants import (
 from transformers import PreTrainedModel
 
 from lmtune.errors import ConfigError
-from lmtune.model.families import attention_geometry, family_traits
+from lmtune.model.families import attention_geometry
 
 logger = logging.getLogger(__name__)
 
