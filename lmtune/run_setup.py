@@ -18,6 +18,7 @@ from transformers import HfArgumentParser, PreTrainedModel
 from lmtune.args import ParsedArgs, ParsedFlags, ProcessFlags, parse_flags
 from lmtune.model.adapters import AdapterSettings, apply_adapter, check_method_allowed
 from lmtune.model.load import fit_embeddings_to_tokenizer
+from lmtune.model.packed_attention import use_packed_attention
 from lmtune.model.quantize import QuantSettings, check_quantization_backend, prepare_quantized_model
 from lmtune.model.upcast import upcast_compute
 from lmtune.train.cpu import check_bf16
@@ -161,7 +162,10 @@ def adapt_model(
     """
     ft = args.finetune
     model, dtype = prepare_for_training(args, model, tokenizer, dtype, quant, bf16_storage=bf16_storage)
-    packing = check_packing_isolation(model) if args.data.dataset_concatenation else None
+    packing = None
+    if args.data.dataset_concatenation:
+        use_packed_attention(model)  # each packed sample attends alone: no masked-out work
+        packing = check_packing_isolation(model)
     block_mask_dtype = dtype if packing == PACK_BY_MASK else None
     if ft.full_finetune:
         return model, block_mask_dtype

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from lmtune.cli import main, main_clm
 from lmtune.finetuning import finetune
+from lmtune.model.packed_attention import PACKED_SDPA
+from test_families import trainer_spy  # noqa: F401 (fixture)
 
 
 def base_flags(model_dir, data, out, *extra):
@@ -62,8 +64,9 @@ def test_python_api_runs_the_same_job(tiny_llama_dir, alpaca_file, tmp_path):
     assert (tmp_path / "api" / "adapter_model.safetensors").is_file()
 
 
-def test_packed_and_unpacked_first_step_loss_agree(tiny_llama_dir, alpaca_file, tmp_path):
+def test_packed_and_unpacked_first_step_loss_agree(tiny_llama_dir, alpaca_file, tmp_path, trainer_spy):
     # One step over all 40 samples: packing changes the rows, not the supervised tokens or their loss.
+    # The packed run attends per sample (model/packed_attention.py), the unpacked one with stock SDPA.
     common = dict(model_name_or_path=str(tiny_llama_dir), train_file=str(alpaca_file), do_train=True, max_steps=1,
                   per_device_train_batch_size=40, report_to="none", save_strategy="no", disable_tqdm=True,
                   max_seq_length=256, lora_dropout=0.0)
@@ -72,6 +75,7 @@ def test_packed_and_unpacked_first_step_loss_agree(tiny_llama_dir, alpaca_file, 
     assert packed["train_rows"] < packed["train_samples"] == unpacked["train_samples"] == 40
     assert "train_rows" not in unpacked
     assert packed["train_loss"] == pytest.approx(unpacked["train_loss"], rel=1e-4)
+    assert [trainer.model.config._attn_implementation for trainer in trainer_spy] == ["sdpa", PACKED_SDPA]
 
 
 def test_failure_exits_non_zero_with_one_paragraph(tmp_path, capsys):
