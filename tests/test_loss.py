@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from lmtune.data.render import IGNORE_INDEX
-from lmtune.train.loss import causal_lm_loss_sum, chunk_rows, shifted_targets
+from lmtune.train.loss import causal_lm_loss_sum, shifted_targets
 from lmtune.train.trainer import (
     PLAIN_HEAD_MODEL_TYPES,
     LmtuneTrainer,
@@ -49,12 +49,6 @@ def _stock_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor)
 def test_shifted_targets_moves_labels_left_and_ignores_the_last_position():
     labels = torch.tensor([[5, 6, 7], [IGNORE_INDEX, 8, 9]])
     assert shifted_targets(labels).tolist() == [[6, 7, IGNORE_INDEX], [8, 9, IGNORE_INDEX]]
-
-
-def test_chunk_rows_keeps_logits_chunks_bounded():
-    assert chunk_rows(32000) == 131
-    assert chunk_rows(256000) == 16
-    assert chunk_rows(10**9) == 16
 
 
 @pytest.mark.parametrize("rows", [1, 4, 1000])

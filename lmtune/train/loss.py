@@ -15,15 +15,12 @@ import torch
 
 from lmtune.data.render import IGNORE_INDEX
 
-# Logit elements per chunk (float32: 16 MB): 131 rows for a 32K vocabulary, 16 for 256K. Measured
-# on the 134M benchmark model (bench/): a quarter of the old 64 MB chunks cut peak RSS by 50-120 MB
-# at no measurable cost in step time.
-CHUNK_ELEMENTS = 1 << 22
-
-
-def chunk_rows(vocab_size: int, elements: int = CHUNK_ELEMENTS) -> int:
-    """Rows per chunk so that one chunk of float32 logits holds about ``elements`` values."""
-    return max(16, elements // max(vocab_size, 1))
+# Rows of logits per chunk. Each chunk reads the whole head weight twice (logits, hidden gradient),
+# so chunks sized by memory alone get slow for large vocabularies: 16 rows of a 256K head made the
+# head + loss 3.2x slower in float32 than 256 rows (28.6 against 9.0 s, 4 x 512 positions, idle
+# AVX512 machine; bench/README.md), and 256 rows were within 5% of the fastest on 32K and 256K, in
+# float32 and bf16. A chunk's float32 logits: 32 MB at 32K, 256 MB at 256K (the stock path: 4 GB).
+CHUNK_ROWS = 256
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -100,7 +97,7 @@ def causal_lm_loss_sum(
         hidden: Final hidden states, ``(batch, seq, hidden)``.
         weight: The output head's weight, ``(vocab, hidden)`` (a bias-free head).
         labels: ``(batch, seq)`` token ids, IGNORE_INDEX where unsupervised (not yet shifted).
-        rows: Rows per chunk; by default about 16M logits per chunk.
+        rows: Rows per chunk; by default ``CHUNK_ROWS``.
 
     Returns:
         ``(loss_sum, count)``: the summed loss (differentiable; float32, or float64 for a float64 head)
@@ -111,6 +108,6 @@ def causal_lm_loss_sum(
     dtype = compute_dtype(hidden, weight)
     selected = hidden.reshape(-1, hidden.shape[-1])[keep].to(dtype)
     total = _LinearCrossEntropySum.apply(
-        selected, weight.to(dtype), targets[keep], rows or chunk_rows(weight.shape[0])
+        selected, weight.to(dtype), targets[keep], rows or CHUNK_ROWS
     )
     return total, keep.sum()

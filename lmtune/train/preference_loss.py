@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lmtune.train.loss import CHUNK_ELEMENTS, chunk_rows, compute_dtype, shifted_targets
+from lmtune.train.loss import CHUNK_ROWS, compute_dtype, shifted_targets
 from lmtune.data.render import IGNORE_INDEX
 
 
@@ -34,7 +34,7 @@ def sequence_logps_from_hidden(
         hidden: Final hidden states ``(n, seq, hidden)``.
         weight: The bias-free output head's weight ``(vocab, hidden)``.
         labels: ``(n, seq)`` token ids, IGNORE_INDEX where not scored (not yet shifted).
-        rows: Rows per chunk; by default about ``CHUNK_ELEMENTS`` float32 logits per chunk.
+        rows: Rows per chunk; by default ``CHUNK_ROWS``.
 
     Returns:
         ``(logps, counts)``, both of shape ``(n,)``; ``logps`` is float32 and differentiable.
@@ -44,7 +44,7 @@ def sequence_logps_from_hidden(
     owner = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[keep]
     dtype = compute_dtype(hidden, weight)
     selected, weight, wanted = hidden[keep].to(dtype), weight.to(dtype), targets[keep]
-    rows = rows or chunk_rows(weight.shape[0], CHUNK_ELEMENTS)
+    rows = rows or CHUNK_ROWS
     pieces = []
     for start in range(0, selected.shape[0], rows):
         args = (selected[start: start + rows], weight, wanted[start: start + rows])
