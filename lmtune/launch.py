@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m lmtune.launch") -
         threads = threads_per_rank(args.world_size // args.nnodes)
         env["OMP_NUM_THREADS"] = str(threads)
         prefix = f"OMP_NUM_THREADS={threads} "
-    if (preload := allocator_preload(env)) is not None:  # lower peak memory (lmtune/train/cpu.py)
+    if (preload := allocator_preload(env)) is not None:  # LMTUNE_ALLOCATOR=jemalloc (lmtune/train/cpu.py)
         env["LD_PRELOAD"] = preload
         prefix += f"LD_PRELOAD={preload} "
     print(f"{_name(prog)}: running: {prefix}{shlex.join(command)}", flush=True)

@@ -271,17 +271,19 @@ def test_console_scripts_freeze_the_garbage_collector_only_after_the_command(mon
                        "finetune_seq2seq": "lmtune.cli:script_seq2seq", "finetune_dpo": "lmtune.cli:script_dpo"}
 
 
-def test_launch_preloads_jemalloc_unless_told_or_already_given_an_allocator(tmp_path):
+def test_launch_preloads_jemalloc_only_when_asked_and_not_given_an_allocator(tmp_path):
     from lmtune.train.cpu import allocator_preload
 
     lib = tmp_path / "libjemalloc.so.2"
     lib.write_bytes(b"")
     found = (str(tmp_path / "absent.so"), str(lib))
-    assert allocator_preload({}, found) == str(lib)
-    assert allocator_preload({"LD_PRELOAD": "/opt/libfoo.so"}, found) == f"{lib}:/opt/libfoo.so"
-    assert allocator_preload({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, found) is None
+    asked = {"LMTUNE_ALLOCATOR": "jemalloc"}
+    assert allocator_preload(asked, found) == str(lib)
+    assert allocator_preload({**asked, "LD_PRELOAD": "/opt/libfoo.so"}, found) == f"{lib}:/opt/libfoo.so"
+    assert allocator_preload({**asked, "LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, found) is None
+    assert allocator_preload({}, found) is None  # the default: faster, if larger (bench/README.md)
     assert allocator_preload({"LMTUNE_ALLOCATOR": "system"}, found) is None
-    assert allocator_preload({}, (str(tmp_path / "absent.so"),)) is None
+    assert allocator_preload(asked, (str(tmp_path / "absent.so"),)) is None
 
 
 def test_launch_prints_and_passes_the_preload(monkeypatch, capsys, tmp_path):

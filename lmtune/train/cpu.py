@@ -143,16 +143,16 @@ JEMALLOC_PATHS = (
 
 
 def allocator_preload(env: dict[str, str], candidates: tuple[str, ...] = JEMALLOC_PATHS) -> str | None:
-    """The ``LD_PRELOAD`` that gives launched ranks jemalloc, or None to leave the environment alone.
+    """The ``LD_PRELOAD`` that gives launched ranks jemalloc when ``LMTUNE_ALLOCATOR=jemalloc``, else None.
 
-    glibc's allocator keeps freed activation buffers fragmented across a training step; with
-    jemalloc preloaded the benchmark's peak RSS fell by 14% at the same CPU time
-    (bench/README.md). It must be preloaded before the process starts, so only ``lmtune
-    launch``, which starts the ranks, can set it. Left alone when ``LMTUNE_ALLOCATOR=system``,
-    when ``LD_PRELOAD`` already names jemalloc or tcmalloc, or when no jemalloc is installed.
+    A trade, so the user's choice: with jemalloc preloaded the benchmark's peak RSS fell by 29%
+    and its epoch took 22% longer (512 Alpaca records at 512 tokens, idle AVX512 machine;
+    bench/README.md). It must be preloaded before the process starts, so only ``lmtune
+    launch``, which starts the ranks, can set it. Left alone when ``LD_PRELOAD`` already names
+    jemalloc or tcmalloc, or when no jemalloc is installed.
     """
     current = env.get("LD_PRELOAD", "")
-    if env.get("LMTUNE_ALLOCATOR", "").lower() == "system" or "jemalloc" in current or "tcmalloc" in current:
+    if env.get("LMTUNE_ALLOCATOR", "").lower() != "jemalloc" or "jemalloc" in current or "tcmalloc" in current:
         return None
     found = next((path for path in candidates if Path(path).is_file()), None)
     if found is None:
