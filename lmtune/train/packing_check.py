@@ -24,8 +24,11 @@ PACK_BY_MASK = "block_mask"
 
 
 def _isolated(packed: torch.Tensor, alone: torch.Tensor, first: int, dtype: torch.dtype) -> bool:
-    # Half-precision weights round differently along the two paths; leakage is far larger than that.
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    # Half-precision weights round differently along the two paths, more the deeper the model;
+    # leakage is far larger. SmolLM2-135M in bf16 (30 layers), four probe seeds: stock SDPA's
+    # packed row differed from the sample alone by up to 2.5% of the largest logit, lmtune's
+    # per-sample attention by up to 2.7%, letting the samples attend to each other by 38-93%.
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     scale = alone.abs().max().clamp(min=1.0).item()
     return torch.allclose(packed[:, first:], alone, atol=tolerance * scale, rtol=0)
 
