@@ -200,7 +200,8 @@ def _trainer_for_run(args: ParsedArgs, config, tokenizer, data: PreparedData, *,
     trainer = build_trainer(
         model, tokenizer, training, train_dataset=data.train, eval_dataset=data.validation,
         data_collator=collator, eval_ppl=args.finetune.eval_ppl,
-        callbacks=[stopper, StartupReport(phases), *evaluation], seq2seq=seq2seq_trainer, compute_metrics=rouge_metrics, task_metrics=task_metrics,
+        callbacks=[stopper, StartupReport(phases), *evaluation], seq2seq=seq2seq_trainer,
+        compute_metrics=rouge_metrics, task_metrics=task_metrics,
     )
     install_progress(trainer)
     transformers.utils.logging.set_verbosity(transformers_log_level(training))  # Trainer() set its own
