@@ -43,6 +43,9 @@ VARIANTS: dict[str, dict] = {
                             label="reference fast path in float32 (no --bf16)"),
     "ref-pad-fp32": dict(kind="reference", concatenation=False, bf16=False,
                          label="reference without concatenation in float32"),
+    # What lmtune runs on a CPU without bf16 units, where it refuses emulated bf16: the float32 path.
+    "lmtune-fp32": dict(kind="lmtune", concatenation=True, bf16=False,
+                        label="lmtune, the reference's flags in float32 (no --bf16)"),
     "lmtune-pad": dict(kind="lmtune", concatenation=False, bf16=True,
                        label="lmtune without --dataset_concatenation"),
     "lmtune-ckpt": dict(kind="lmtune", concatenation=True, bf16=True, extra=["--activation_checkpointing", "True"],

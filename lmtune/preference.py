@@ -24,6 +24,7 @@ from lmtune.data.report import estimate_steps
 from lmtune.errors import ConfigError
 from lmtune.export.model_card import write_run_summary
 from lmtune.model.load import load_config, load_model, load_tokenizer, resolve_dtype
+from lmtune.model.lora_dropout import use_sixteen_bit_dropout
 from lmtune.preference_args import (
     PreferenceRun,
     build_preference_parser,
@@ -133,7 +134,9 @@ def _build_policy(run: PreferenceRun, config, tokenizer, *, bf16_storage: bool) 
     logger.info("--adapter %s: training that adapter further, with its own configuration (the --lora_* flags "
                 "and --peft do not apply).", pref.adapter)
     model, _ = prepare_for_training(run.args, model, tokenizer, dtype, None, bf16_storage=bf16_storage)
-    return _load_sft_adapter(model, pref.adapter, with_reference=not (pref.orpo or pref.precompute_ref_log_probs))
+    model = _load_sft_adapter(model, pref.adapter, with_reference=not (pref.orpo or pref.precompute_ref_log_probs))
+    use_sixteen_bit_dropout(model)
+    return model
 
 
 def _resolved_args(run: PreferenceRun, data: PreparedPairs) -> dict[str, Any]:

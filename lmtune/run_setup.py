@@ -18,6 +18,7 @@ from transformers import HfArgumentParser, PreTrainedModel
 from lmtune.args import ParsedArgs, ParsedFlags, ProcessFlags, parse_flags
 from lmtune.model.adapters import AdapterSettings, apply_adapter, check_method_allowed
 from lmtune.model.load import fit_embeddings_to_tokenizer
+from lmtune.model.lora_dropout import use_sixteen_bit_dropout
 from lmtune.model.packed_attention import use_packed_attention
 from lmtune.model.quantize import QuantSettings, check_quantization_backend, prepare_quantized_model
 from lmtune.model.upcast import upcast_compute
@@ -176,4 +177,6 @@ def adapt_model(
         adapter_layers=ft.adapter_layers, adapter_len=ft.adapter_len,
         num_virtual_tokens=ft.num_virtual_tokens, ptun_hidden_size=ft.ptun_hidden_size,
     )
-    return apply_adapter(model, settings, packed=args.data.dataset_concatenation), block_mask_dtype
+    model = apply_adapter(model, settings, packed=args.data.dataset_concatenation)
+    use_sixteen_bit_dropout(model)
+    return model, block_mask_dtype

@@ -60,3 +60,13 @@ def test_goal_lines_judge_the_fastest_usable_peer_and_leave_out_emulated_bf16():
     assert "fastest peer (ref-concat, bf16) on epoch time: 1.50x (CPU time 1.50x), loss 2.0000 vs 2.0000: met" in text
     assert "7.0 vs 5.0 s: missed" in text
     assert "2x the reference's bf16 fast path (ref-concat): 1.50x: missed" in text
+
+
+def test_on_a_bf16_cpu_the_float32_goal_is_judged_from_lmtunes_float32_run():
+    rows = [_row("ref-concat", 15.0, compute="bf16"), _row("ref-concat-fp32", 30.0), _row("trl-packed", 40.0),
+            _row("lmtune", 10.0, compute="bf16"), _row("lmtune-fp32", 21.0, loss=1.99)]
+    text = goal_lines(rows, bf16_units=True)
+    assert ("goal (float32 path, as without bf16 units): lmtune-fp32 >= 1.5x the fastest float32 peer "
+            "(ref-concat-fp32): 1.43x, loss 1.9900 vs 2.0000: missed") in text
+    assert "lmtune-fp32" not in goal_lines(rows, bf16_units=False)  # there the first goal judges it directly
+    assert "vs lmtune-fp32" not in ratios_line(rows)
