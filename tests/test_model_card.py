@@ -76,6 +76,18 @@ def test_run_summary_writes_the_card_over_peft_template_and_the_plot(tmp_path):
     assert np.std(image[..., :3]) > 0.05  # lines drawn, not a blank canvas
 
 
+def test_an_adapter_of_a_gguf_base_loads_the_base_as_transformers_reads_gguf(tmp_path):
+    out = fake_run(tmp_path)
+    args_file = out / "lmtune_args.json"
+    args = json.loads(args_file.read_text())
+    args["args"]["model"]["model_name_or_path"] = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    args_file.write_text(json.dumps(args))
+    card = write_model_card(out).read_text()
+    assert ('base = AutoModelForCausalLM.from_pretrained("/models", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")'
+            in card)
+    assert f"lmtune chat --model_name_or_path /models/SmolLM2-135M-Instruct.Q4_1.gguf --adapter {out}" in card
+
+
 def test_full_finetune_card_loads_the_output_dir_itself(tmp_path):
     out = fake_run(tmp_path, "--full_finetune")
     card = write_model_card(out).read_text()

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from conftest import tiny_llama_config
-from lmtune.model import packed_attention
 from lmtune.model.packed_attention import PACKED_SDPA, sample_lengths, use_packed_attention
 from lmtune.train.packing_check import PACK_BY_POSITIONS, check_packing_isolation
 
@@ -21,14 +19,6 @@ POSITIONS = torch.tensor([
     [*range(24)],
     [*range(11), *range(13)],
 ])
-
-
-@pytest.fixture(params=["flash kernel", "matrix products"])
-def sample_attention(request, monkeypatch):
-    """Each packed sample through the SDPA kernel, or (CPU, short samples) through matrix products."""
-    monkeypatch.setattr(packed_attention, "EAGER_MAX_LENGTH", 0 if request.param == "flash kernel" else 10_000)
-    monkeypatch.setattr(packed_attention, "MATRIX_PRODUCT_DTYPES", (torch.float64, torch.float32, torch.bfloat16))
-    return request.param
 
 
 def _model(model_cls=LlamaForCausalLM, config=None) -> torch.nn.Module:
@@ -50,7 +40,7 @@ def test_sample_lengths_follow_restarting_positions():
     assert sample_lengths(torch.arange(24).expand(3, -1)) is None  # nothing packed
 
 
-def test_packed_rows_compute_what_stock_sdpa_with_the_block_mask_computes(sample_attention):
+def test_packed_rows_compute_what_stock_sdpa_with_the_block_mask_computes():
     input_ids = torch.randint(0, VOCAB, POSITIONS.shape, generator=torch.Generator().manual_seed(1))
     model = _model()
     stock_logits, stock_grads = _logits_and_grads(model, input_ids, POSITIONS)
@@ -102,7 +92,7 @@ def test_only_sdpa_models_switch_and_a_saved_model_does_not_name_the_function(tm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_half_and_single_precision_stay_within_rounding(dtype, sample_attention):
+def test_half_and_single_precision_stay_within_rounding(dtype):
     input_ids = torch.randint(0, VOCAB, POSITIONS.shape, generator=torch.Generator().manual_seed(4))
     model = _model().to(dtype)
     stock = model(input_ids=input_ids, position_ids=POSITIONS).logits.float()
@@ -110,35 +100,3 @@ def test_half_and_single_precision_stay_within_rounding(dtype, sample_attention)
     packed = model(input_ids=input_ids, position_ids=POSITIONS).logits.float()
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(packed, stock, atol=tolerance * stock.abs().max().item(), rtol=0)
-
-
-def test_matrix_product_attention_is_causal_sdpa_with_grouped_heads_and_float32_scores():
-    generator = torch.Generator().manual_seed(5)
-    query = torch.randn(8, 40, 16, dtype=torch.float64, generator=generator) * 3
-    key, value = (torch.randn(2, 40, 16, dtype=torch.float64, generator=generator) * 3 for _ in range(2))
-    expected = F.scaled_dot_product_attention(query[None], key[None], value[None], is_causal=True,
-                                              enable_gqa=True)[0]
-    torch.testing.assert_close(packed_attention._causal_attention(query, key, value, None), expected,
-                               atol=1e-12, rtol=0)
-    # In a bf16 autocast step the scores stay float32, as in the flash kernel: its error, not bf16's double.
-    low = [t.bfloat16() for t in (query, key.repeat_interleave(4, 0), value.repeat_interleave(4, 0))]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        products = packed_attention._causal_attention(*low, 0.25)
-        flash = F.scaled_dot_product_attention(*(t[None] for t in low), is_causal=True)[0]
-        rounded_scores = torch.softmax((low[0] @ low[1].transpose(-1, -2) * 0.25).masked_fill(
-            torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf")), -1).bfloat16() @ low[2]
-    error = {name: (out.double() - expected).abs().max().item()
-             for name, out in [("products", products), ("flash", flash), ("rounded", rounded_scores)]}
-    assert error["products"] <= 1.25 * error["flash"] < error["rounded"], error
-
-
-@pytest.mark.parametrize(("dtype", "by_products"), [(torch.bfloat16, True), (torch.float32, False)])
-def test_short_half_precision_samples_take_the_matrix_products_on_cpu(dtype, by_products, monkeypatch):
-    calls = []
-    real = packed_attention._causal_attention
-    monkeypatch.setattr(packed_attention, "_causal_attention", lambda *a: calls.append(a[0].shape) or real(*a))
-    model = _model().to(dtype)
-    use_packed_attention(model)
-    model(input_ids=torch.randint(0, VOCAB, POSITIONS.shape), position_ids=POSITIONS)
-    samples = sum(len(row) for row in sample_lengths(POSITIONS))
-    assert len(calls) == (samples * model.config.num_hidden_layers if by_products else 0)

@@ -16,6 +16,7 @@ from typing import Any
 
 from lmtune.errors import ConfigError
 from lmtune.export.plots import LOSS_CURVE_FILE, METRICS_CURVE_FILE, plot_loss_curve, plot_metric_curves
+from lmtune.model.gguf import is_gguf_path
 from lmtune.run_record import ARGS_FILE
 
 CARD_FILE = "README.md"
@@ -111,7 +112,9 @@ def _usage_lines(base: str, output_dir: str, full: bool) -> list[str]:
         chat = f"lmtune chat --model_name_or_path {output_dir}"
         imports = ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
     else:
-        load = [f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+        # transformers reads a GGUF file from its directory, named by gguf_file= (and dequantizes it).
+        source = (f'"{Path(base).parent}", gguf_file="{Path(base).name}"' if is_gguf_path(base) else f'"{base}"')
+        load = [f"base = AutoModelForCausalLM.from_pretrained({source})",
                 f'model = PeftModel.from_pretrained(base, "{output_dir}")']
         chat = f"lmtune chat --model_name_or_path {base} --adapter {output_dir}"
         imports = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer"]

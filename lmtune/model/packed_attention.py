@@ -8,10 +8,6 @@ the work. Here each sample runs through transformers' own SDPA function alone, w
 ``is_causal``: on the 134M benchmark model attention fell from 27% to 21% of a training step
 (``bench/README.md``), with the same values (float64: to 1e-10; bf16: to rounding).
 
-On CPU a bf16/fp16 sample of at most ``EAGER_MAX_LENGTH`` tokens attends through plain matrix
-products instead (``_causal_attention``): for short samples they beat PyTorch's CPU flash kernel,
-which is tuned for long sequences (``bench/bench_step_parts.py``).
-
 It is registered under its own name through transformers' public ``AttentionInterface`` (and the
 SDPA mask builder under the same name, for every call that is not a packed row), and a model
 switches to it only from ``sdpa``. Anything this function cannot reproduce exactly goes to the
@@ -29,11 +25,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_SDPA = "lmtune_packed_sdpa"
 PAD_MULTIPLE = 32
-# Half-precision samples up to this length attend faster by matrix products (float32 scores) than
-# through the CPU flash kernel, forward plus backward; in float32 the kernel wins at every length
-# (bench/bench_step_parts.py, AVX512-BF16).
-EAGER_MAX_LENGTH = 160
-MATRIX_PRODUCT_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def sample_lengths(position_ids: torch.Tensor) -> list[list[int]] | None:
@@ -92,9 +83,6 @@ def _attention_by_sample(module, query, key, value, lengths: list[list[int]], dr
         for q, k, v in zip(row_query.split(row, dim=1), row_key.split(row, dim=1), row_value.split(row, dim=1),
                            strict=True):
             size = q.shape[1]
-            if size <= EAGER_MAX_LENGTH and q.device.type == "cpu" and q.dtype in MATRIX_PRODUCT_DTYPES and not dropout:
-                pieces.append(_causal_attention(q, k, v, scaling).transpose(0, 1))
-                continue
             padding = (0, 0, 0, -size % PAD_MULTIPLE)
             out = sdpa_attention_forward(
                 module, *(F.pad(t, padding).unsqueeze(0) for t in (q, k, v)), None,
@@ -103,26 +91,6 @@ def _attention_by_sample(module, query, key, value, lengths: list[list[int]], dr
             pieces.append(out[0, :size])
         rows.append(torch.cat(pieces, dim=0))
     return torch.stack(rows)
-
-
-def _causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      scaling: float | None) -> torch.Tensor:
-    """Causal attention of one sample, ``(heads, length, head_dim)`` in and out, by matrix products.
-
-    Scores and softmax are at least float32, as in the flash kernel: scores rounded to bf16 before
-    the softmax would double its error. Grouped key/value heads are repeated as ``repeat_kv`` does.
-    """
-    groups = query.shape[0] // key.shape[0]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=0), value.repeat_interleave(groups, dim=0)
-    score_dtype = torch.promote_types(query.dtype, torch.float32)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    length = query.shape[1]
-    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
-    with torch.autocast(query.device.type, enabled=False):  # autocast would round the scores to bf16
-        scores = torch.matmul(query.to(score_dtype) * scale, key.to(score_dtype).transpose(-1, -2))
-        weights = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
-        return torch.matmul(weights.to(value.dtype), value)
 
 
 def use_packed_attention(model: PreTrainedModel) -> bool:

@@ -1,16 +1,13 @@
-"""Two parts of a packed LoRA training step on CPU, each against the stock kernel it replaces.
+"""LoRA's input dropout on CPU: ``nn.Dropout`` against lmtune's 16-bit mask, alone and in whole steps.
 
-    python bench/bench_step_parts.py              # bf16 autocast, as lmtune trains where bf16 pays
-    python bench/bench_step_parts.py --float32
+    python bench/bench_dropout.py              # bf16 autocast, as lmtune trains where bf16 pays
+    python bench/bench_dropout.py --float32
 
-1. Attention of one packed sample (``lmtune/model/packed_attention.py``), 12 heads of 64, forward
-   and backward, by sample length: PyTorch's flash kernel against matrix products with float32
-   scores. ``EAGER_MAX_LENGTH`` is where the products stop winning.
-2. LoRA's input dropout (``lmtune/model/lora_dropout.py``), p 0.05 on 2048 x 768, forward and
-   backward: ``nn.Dropout`` against the 16-bit mask.
-3. Whole training steps of the 134M LLaMA (random weights, LoRA r 8 on q/v, 4 rows of 512 packed
-   from Alpaca-like sample lengths, a new draw of rows each step) with each part stock or lmtune's,
-   the four combinations interleaved step by step so a noisy machine slows them alike.
+1. The dropout alone (``lmtune/model/lora_dropout.py``), p 0.05 on 2048 x 768 float32 (peft casts
+   LoRA's input to the adapter's dtype), forward and backward.
+2. Whole training steps of the 134M LLaMA (random weights, LoRA r 8 on q/v, 4 rows of 512 packed
+   from Alpaca-like sample lengths, a new draw of rows each step) with each dropout, interleaved
+   step by step so a noisy machine slows both alike.
 
 Needs nothing beside the project. Prints medians and the ratios, stock over lmtune.
 """
@@ -27,18 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lmtune.finetuning  # noqa: E402,F401  OpenMP settings first, as the CLI does
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from bench.assets import MODEL_PRESETS  # noqa: E402
 from lmtune.data.packing import plan_bins  # noqa: E402
-from lmtune.model import packed_attention  # noqa: E402
+from lmtune.model.packed_attention import use_packed_attention  # noqa: E402
 from lmtune.model.lora_dropout import SixteenBitDropout  # noqa: E402
 from lmtune.train.loss import causal_lm_loss_sum  # noqa: E402
-
-HEADS, HEAD_DIM = 12, 64
-
 
 def median_ms(fn, repeats: int) -> float:
     fn()  # warm-up: kernel selection, allocations
@@ -50,30 +43,9 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def attention_table(dtype: torch.dtype, repeats: int) -> None:
-    print(f"\n1. attention of one sample, {HEADS} heads x {HEAD_DIM}, forward + backward, median of {repeats}, ms")
-    print("| length | flash kernel | matrix products | flash / products |\n|---|---|---|---|")
-    module = torch.nn.Module()
-    saved = packed_attention.EAGER_MAX_LENGTH
-    for length in (64, 96, 128, 160, 192, 224, 256, 384, 512):
-        # (batch, heads, length, head_dim) views of (batch, length, heads, head_dim), as attention layers pass them
-        q, k, v = (torch.randn(1, length, HEADS, HEAD_DIM, dtype=dtype).transpose(1, 2).requires_grad_()
-                   for _ in range(3))
-
-        def one_sample(eager_max: int):
-            packed_attention.EAGER_MAX_LENGTH = eager_max
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                out = packed_attention._attention_by_sample(module, q, k, v, [[length]], 0.0, None)
-            out.sum().backward()
-
-        times = [median_ms(lambda m=m: one_sample(m), repeats) for m in (0, length)]
-        print(f"| {length} | {times[0]:.2f} | {times[1]:.2f} | {times[0] / times[1]:.2f}x |", flush=True)
-    packed_attention.EAGER_MAX_LENGTH = saved
-
-
 def dropout_table(dtype: torch.dtype, repeats: int) -> None:
     x = torch.randn(2048, 768, dtype=dtype, requires_grad=True)
-    print(f"\n2. LoRA input dropout p 0.05, 2048 x 768 {str(dtype)[6:]}, forward + backward, median of {repeats}, ms")
+    print(f"\n1. LoRA input dropout p 0.05, 2048 x 768 {str(dtype)[6:]}, forward + backward, median of {repeats}, ms")
     print("| nn.Dropout | 16-bit mask | ratio |\n|---|---|---|")
     stock, sixteen = torch.nn.Dropout(0.05), SixteenBitDropout(0.05)
     times = [median_ms(lambda d=d: d(x).sum().backward(), repeats) for d in (stock, sixteen)]
@@ -95,20 +67,18 @@ def step_table(dtype: torch.dtype, rounds: int) -> None:
     config = LlamaConfig(bos_token_id=1, eos_token_id=2, **MODEL_PRESETS["llama-134m"])
     model = LlamaForCausalLM(config).to(dtype)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]))
-    packed_attention.use_packed_attention(model)
+    use_packed_attention(model)
     model.train()
     lora_layers = [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
     stock_dropout = {id(m): m.lora_dropout["default"] for m in lora_layers}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    eager_max = packed_attention.EAGER_MAX_LENGTH
-    variants = {"stock attention + nn.Dropout": (0, False), "matrix products": (eager_max, False),
-                "16-bit dropout": (0, True), "both (lmtune)": (eager_max, True)}
+    variants = {"nn.Dropout": False, "16-bit mask (lmtune)": True}
     batches = packed_batches(rounds * len(variants) + 1)
     samples = sum(int((b == 0).sum()) for b in batches) / len(batches)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for index, positions in enumerate(batches):
         name = list(variants)[index % len(variants)]
-        packed_attention.EAGER_MAX_LENGTH, sixteen = variants[name]
+        sixteen = variants[name]
         for m in lora_layers:
             m.lora_dropout["default"] = SixteenBitDropout(0.05) if sixteen else stock_dropout[id(m)]
         input_ids = torch.randint(3, config.vocab_size, positions.shape)
@@ -122,11 +92,10 @@ def step_table(dtype: torch.dtype, rounds: int) -> None:
         optimizer.zero_grad()
         if index:  # the first step allocates and picks kernels
             times[name].append(time.perf_counter() - start)
-    packed_attention.EAGER_MAX_LENGTH = eager_max
-    print(f"\n3. training step, llama-134m {str(dtype)[6:]} weights, LoRA r 8 q/v, 4 x 512 packed rows "
+    print(f"\n2. training step, llama-134m {str(dtype)[6:]} weights, LoRA r 8 q/v, 4 x 512 packed rows "
           f"({samples:.1f} samples a batch), {rounds} steps each, interleaved; median s")
     print("| variant | step s | stock / variant |\n|---|---|---|")
-    base = statistics.median(times["stock attention + nn.Dropout"])
+    base = statistics.median(times["nn.Dropout"])
     for name, values in times.items():
         print(f"| {name} | {statistics.median(values):.3f} | {base / statistics.median(values):.2f}x |")
 
@@ -138,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8, help="Training steps of each variant.")
     args = parser.parse_args(argv)
     dtype = torch.float32 if args.float32 else torch.bfloat16
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{'float32' if args.float32 else 'bf16 autocast'}; EAGER_MAX_LENGTH {packed_attention.EAGER_MAX_LENGTH}")
-    attention_table(dtype, args.repeats)
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, {'float32' if args.float32 else 'bf16 autocast'}")
     dropout_table(torch.float32, args.repeats)  # LoRA's input is float32: peft casts it to the adapter's dtype
     step_table(dtype, args.rounds)
     return 0
