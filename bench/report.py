@@ -122,6 +122,15 @@ def _met(ok: bool) -> str:
     return "met" if ok else "missed"
 
 
+def _speedup_verdict(ours: dict, fastest: dict, *, cpu: bool) -> str:
+    """``1.60x (CPU time 1.60x), loss 1.9950 vs 2.0000: met``: at least 1.5x, loss no worse."""
+    speedup = fastest["wall_s"] / ours["wall_s"]
+    loss_ok = ours["train_loss"] <= fastest["train_loss"] + LOSS_SLACK
+    cpu_time = f" (CPU time {fastest['cpu_s'] / max(ours['cpu_s'], 1e-9):.2f}x)" if cpu else ""
+    return (f"{speedup:.2f}x{cpu_time}, loss {ours['train_loss']:.4f} vs {fastest['train_loss']:.4f}: "
+            f"{_met(speedup >= 1.5 and loss_ok)}")
+
+
 def goal_lines(rows: list[dict], *, bf16_units: bool) -> str:
     """The issue's goals, each printed as met or missed (or why it cannot be judged from this run)."""
     by_name = {r["name"]: r for r in rows}
@@ -133,11 +142,8 @@ def goal_lines(rows: list[dict], *, bf16_units: bool) -> str:
     peers = [r for r in rows if r["name"] not in OURS and (bf16_units or r["compute"] != "bf16")]
     if peers:
         fastest = min(peers, key=lambda r: r["wall_s"])
-        speedup = fastest["wall_s"] / ours["wall_s"]
-        loss_ok = ours["train_loss"] <= fastest["train_loss"] + LOSS_SLACK
         lines.append(f"goal: lmtune >= 1.5x the fastest peer ({fastest['name']}, {fastest['compute']}) on epoch time: "
-                     f"{speedup:.2f}x (CPU time {fastest['cpu_s'] / max(ours['cpu_s'], 1e-9):.2f}x), loss "
-                     f"{ours['train_loss']:.4f} vs {fastest['train_loss']:.4f}: {_met(speedup >= 1.5 and loss_ok)}")
+                     + _speedup_verdict(ours, fastest, cpu=True))
     ref32 = by_name.get("ref-concat-fp32")
     if ref32 is not None:
         lines.append(f"goal: peak RSS <= the reference's float32 run: {ours['peak_rss_mb']:.0f} vs "
@@ -157,11 +163,8 @@ def goal_lines(rows: list[dict], *, bf16_units: bool) -> str:
     peers32 = [r for r in rows if r["name"] not in OURS and r["compute"] == "fp32"]
     if bf16_units and ours32 is not None and peers32:  # on a CPU without bf16 units the first goal says this
         fastest = min(peers32, key=lambda r: r["wall_s"])
-        speedup = fastest["wall_s"] / ours32["wall_s"]
-        loss_ok = ours32["train_loss"] <= fastest["train_loss"] + LOSS_SLACK
         lines.append(f"goal (float32 path, as without bf16 units): lmtune-fp32 >= 1.5x the fastest float32 peer "
-                     f"({fastest['name']}): {speedup:.2f}x, loss {ours32['train_loss']:.4f} vs "
-                     f"{fastest['train_loss']:.4f}: {_met(speedup >= 1.5 and loss_ok)}")
+                     f"({fastest['name']}): " + _speedup_verdict(ours32, fastest, cpu=False))
     share = ours["share_bf16"] if ours["compute"] == "bf16" else ours["share_fp32"]
     lines.append(f"goal: steady-state matmul throughput >= 80% of the {ours['compute']} ceiling: {share:.0%}: "
                  f"{_met(share >= 0.8)}")
