@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -194,6 +196,31 @@ def test_resolve_converts_once_then_reuses_the_cache(tiny_gguf, lmtune_home, cap
         assert resolve_model_path(str(tiny_gguf)) == first
     assert "using its transformers conversion in" in caplog.text
     assert not [p for p in (lmtune_home / "gguf").iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_processes_resolving_the_same_file_at_once_convert_it_once(tiny_gguf, lmtune_home, caplog, monkeypatch):
+    """DDP ranks start together: one converts, the others wait for it and reuse its directory."""
+    real_convert, conversions = gguf_import.convert_gguf, []
+
+    def slow_convert(*args, **kwargs):
+        conversions.append(args[0])
+        time.sleep(0.5)  # long enough for the other rank to arrive while this one converts
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(gguf_import, "convert_gguf", slow_convert)
+    monkeypatch.setattr(gguf_import, "_resolved", {})  # fresh processes
+    results: list[str] = []
+    with caplog.at_level(logging.INFO, logger="lmtune.model.gguf"):
+        ranks = [threading.Thread(target=lambda: results.append(resolve_model_path(str(tiny_gguf))))
+                 for _ in range(2)]
+        for rank in ranks:
+            rank.start()
+            time.sleep(0.1)
+        for rank in ranks:
+            rank.join()
+    assert len(conversions) == 1 and len(results) == 2 and results[0] == results[1]
+    assert "another process is converting it; waiting for its result" in caplog.text
+    assert (Path(results[0]) / MARKER).is_file()
 
 
 def test_cache_key_follows_the_file(tiny_gguf, tmp_path, lmtune_home):

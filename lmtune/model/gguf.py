@@ -17,11 +17,14 @@ whose weights stay in GGUF blocks is "not serializable").
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,22 +200,44 @@ def resolve_model_path(name_or_path: str | None) -> str | None:
     if key in _resolved:
         return _resolved[key]
     target = gguf_cache_dir(path)
-    if (target / MARKER).is_file():
-        logger.info("%s: using its transformers conversion in %s.", name_or_path, target)
-    else:
-        summary = inspect_gguf(path)
-        logger.info("%s (%s): converting it once to a float32 transformers model in %s; later runs reuse it.",
-                    name_or_path, summary.describe(), target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            convert_gguf(path, staging, overwrite=True)
-            staging.chmod(0o755)  # mkdtemp makes it private; the model folder should not be
-            _move_into_place(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _only_one_converter(target, name_or_path):
+        if (target / MARKER).is_file():
+            logger.info("%s: using its transformers conversion in %s.", name_or_path, target)
+        else:
+            summary = inspect_gguf(path)
+            logger.info("%s (%s): converting it once to a float32 transformers model in %s; later runs reuse it.",
+                        name_or_path, summary.describe(), target)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+            try:
+                convert_gguf(path, staging, overwrite=True)
+                staging.chmod(0o755)  # mkdtemp makes it private; the model folder should not be
+                _move_into_place(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     _resolved[key] = str(target)
     return str(target)
+
+
+@contextlib.contextmanager
+def _only_one_converter(target: Path, name_or_path: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``target``'s lock file while checking for and writing the conversion.
+
+    The ranks of a DDP run on one machine all resolve the same file at start: without the lock
+    each would dequantize the whole model at once (N copies of float32 weights in memory) and
+    all but one conversion would be thrown away. With it the first converts and the others wait
+    and reuse its result. The lock file stays (deleting a lock file others may hold races).
+    """
+    with open(target.parent / f"{target.name}.lock", "a+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("%s: another process is converting it; waiting for its result.", name_or_path)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
