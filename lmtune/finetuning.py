@@ -34,7 +34,6 @@ from lmtune.model.load import (
 )
 from lmtune.model.base_model import absolute_model_path
 from lmtune.model.context import fit_to_context
-from lmtune.model.packed_attention import attends_per_sample
 from lmtune.train.distributed import fsdp_notice
 from lmtune.train.checkpointing import StopOnSignal, train_and_save
 from lmtune.run_record import write_run_args
@@ -158,8 +157,7 @@ def _build_model(
         return adapt_model(args, model, tokenizer, dtype, quant, bf16_storage=bf16_storage)
 
 
-def _collator(args: ParsedArgs, tokenizer, *, seq2seq: bool, block_mask_dtype: torch.dtype | None,
-              flatten_packed: bool = False):
+def _collator(args: ParsedArgs, tokenizer, *, seq2seq: bool, block_mask_dtype: torch.dtype | None):
     """Seq2seq: pad inputs with the tokenizer's own pad id and labels with -100 (the model builds
     ``decoder_input_ids`` from the labels, starting with its ``decoder_start_token_id``)."""
     data_args = args.data
@@ -170,7 +168,7 @@ def _collator(args: ParsedArgs, tokenizer, *, seq2seq: bool, block_mask_dtype: t
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
     collator = CausalLMCollator(
         tokenizer.pad_token_id, max_length=data_args.max_seq_length if data_args.pad_to_max_length else None,
-        block_mask_dtype=block_mask_dtype, flatten_packed=flatten_packed and not data_args.pad_to_max_length,
+        block_mask_dtype=block_mask_dtype,
     )
     if data_args.pad_to_max_length:
         collator.pad_to_multiple_of = data_args.max_seq_length
@@ -193,8 +191,7 @@ def _trainer_for_run(args: ParsedArgs, config, tokenizer, data: PreparedData, *,
     training = args.training
     model, block_mask_dtype = _build_model(args, config, tokenizer, bf16_storage=bf16_storage)
     phases.mark("model load + packing probe + adapter")
-    collator = _collator(args, tokenizer, seq2seq=seq2seq, block_mask_dtype=block_mask_dtype,
-                         flatten_packed=attends_per_sample(model))
+    collator = _collator(args, tokenizer, seq2seq=seq2seq, block_mask_dtype=block_mask_dtype)
     stopper = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
     seq2seq_trainer = seq2seq and isinstance(training, Seq2SeqTrainingArguments)
     rouge_metrics = (generated_rouge_metrics(task_eval_settings(args), training, model, tokenizer)

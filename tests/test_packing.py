@@ -12,7 +12,6 @@ from lmtune.data.collate import CausalLMCollator
 from lmtune.data.formats import to_examples
 from lmtune.data.packing import pack_examples, plan_bins
 from lmtune.data.render import IGNORE_INDEX, render_examples
-from lmtune.model.packed_attention import use_packed_attention
 from lmtune.train.packing_check import check_packing_isolation
 
 
@@ -89,26 +88,6 @@ def test_packed_batch_equals_unpacked_batch(tiny_llama_dir, samples):
     assert grads_u.keys() == grads_p.keys()
     for name in grads_u:
         torch.testing.assert_close(grads_p[name], grads_u[name], rtol=1e-6, atol=1e-9, msg=name)
-
-
-def test_flattened_packed_rows_equal_the_padded_rows_with_per_sample_attention(tiny_llama_dir, samples):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64)
-    model.config.use_cache = False
-    assert use_packed_attention(model)
-    rows, _ = pack_examples(samples, 256)
-    features = [{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))]
-    padded = CausalLMCollator(pad_token_id=3)(features)
-    flat = CausalLMCollator(pad_token_id=3, flatten_packed=True)(features)
-    real = sum(len(f["input_ids"]) for f in features)
-    assert flat["input_ids"].shape == (1, real + (-real % 8)) and padded["input_ids"].shape[0] == len(features) > 1
-    assert flat["input_ids"].numel() < padded["input_ids"].numel()  # the rows' padding is gone
-    loss_padded, grads_padded = _loss_and_grads(model, padded)
-    loss_flat, grads_flat = _loss_and_grads(model, flat)
-    torch.testing.assert_close(loss_flat, loss_padded, rtol=1e-6, atol=1e-7)
-    for name in grads_padded:
-        torch.testing.assert_close(grads_flat[name], grads_padded[name], rtol=1e-6, atol=1e-9, msg=name)
-    unpacked = [{k: samples[k][i] for k in samples} for i in range(2)]
-    assert CausalLMCollator(pad_token_id=3, flatten_packed=True)(unpacked)["input_ids"].shape[0] == 2  # stay rows
 
 
 def test_isolation_probe_passes_on_llama(tiny_llama_dir):

@@ -54,15 +54,8 @@ class CausalLMCollator:
     pad_to_multiple_of: int | None = 8
     max_length: int | None = None
     block_mask_dtype: torch.dtype | None = None
-    # Join a batch's packed rows into one row, unpadded (as transformers' DataCollatorWithFlattening
-    # does): only for a model whose attention works per sample (``model/packed_attention.py``), for
-    # which a longer row costs nothing more, while the padding of shorter rows was computed by every layer.
-    flatten_packed: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        if self.flatten_packed and "position_ids" in features[0]:
-            features = [{key: [value for f in features for value in f[key]] for key in
-                         ("input_ids", "labels", "position_ids")}]
         longest = max(len(f["input_ids"]) for f in features)
         length = _round_up(longest, self.pad_to_multiple_of)
         if self.max_length is not None:

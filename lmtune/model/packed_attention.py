@@ -105,8 +105,3 @@ def use_packed_attention(model: PreTrainedModel) -> bool:
     AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
     model.set_attn_implementation(PACKED_SDPA)
     return True
-
-
-def attends_per_sample(model: PreTrainedModel) -> bool:
-    """Whether ``model`` was switched to ``packed_sdpa_attention`` (its packed rows cost no masked-out work)."""
-    return model.config._attn_implementation == PACKED_SDPA
